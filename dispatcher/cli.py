@@ -1,0 +1,312 @@
+"""The ``dispatcher`` command: run the gateway, a worker, the simulator, or the whole stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from dispatcher.logs import setup_logging
+from dispatcher.settings import CommonSettings, GatewaySettings, WorkerSettings
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+# -- gateway / worker / simulator -------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = GatewaySettings()
+    settings.override(host=args.host, port=args.port)
+    setup_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        timeout_keep_alive=30,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.run import serve
+
+    settings = WorkerSettings()
+    settings.override(
+        model=args.model,
+        vllm_url=args.vllm_url,
+        max_concurrency=args.max_concurrency,
+        http_port=args.http_port,
+        vllm_priority=args.vllm_priority,
+    )
+    setup_logging(settings.log_level, settings.log_format)
+    _run(serve(settings))
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from simulator.app import run
+
+    run(host=args.host, port=args.port, model=args.model, max_num_seqs=args.max_num_seqs, decode_ms=args.decode_ms)
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    from dispatcher.tokens import TokenError
+
+    try:
+        _run(_tokens(args))
+    except TokenError as exc:
+        sys.exit(f"error: {exc}")
+
+
+async def _tokens(args: argparse.Namespace) -> None:
+    from dispatcher.tokens import TokenStore, load_sync_file, publish_invalidation
+
+    settings = CommonSettings()
+    store = TokenStore(settings.database_url)
+    changed: list[str] = []
+    try:
+        if args.action == "add":
+            secret = await store.add(
+                args.name, args.priority, rpm=args.rpm, tpm=args.tpm, max_concurrent=args.max_concurrent
+            )
+            print(f"Created token {args.name!r} with priority {args.priority}. It is shown only once:")
+            print(secret)
+        elif args.action == "list":
+            rows = await store.list()
+            print(f"{'NAME':24} {'PRIORITY':>8} {'RPM':>8} {'TPM':>10} {'CONCURRENT':>10}  STATUS")
+            for row in rows:
+                status = "revoked" if row.revoked else "active"
+                print(
+                    f"{row.name:24} {row.priority:>8} {_dash(row.rpm):>8} {_dash(row.tpm):>10} "
+                    f"{_dash(row.max_concurrent):>10}  {status}"
+                )
+        elif args.action == "revoke":
+            changed.append(await store.revoke(args.name))
+            print(f"Revoked token {args.name!r}.")
+        elif args.action == "set-priority":
+            changed.append(await store.update(args.name, priority=args.priority))
+            print(f"Token {args.name!r} now has priority {args.priority}.")
+        elif args.action == "set-limits":
+            limits = {k: v for k in ("rpm", "tpm", "max_concurrent") if (v := getattr(args, k)) is not None}
+            # 0 removes a limit.
+            changed.append(await store.update(args.name, **{k: (v or None) for k, v in limits.items()}))
+            print(f"Token {args.name!r} limits updated: {limits}.")
+        elif args.action == "sync":
+            entries = load_sync_file(Path(args.file).read_text())  # noqa: ASYNC240 (a small file, once)
+            changed.extend(await store.sync(entries))
+            print(f"Synced {len(entries)} tokens from {args.file}.")
+    finally:
+        await store.close()
+    await publish_invalidation(settings.redis_url, changed)
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+# -- the whole stack --------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    """Simulator (unless --vllm-url), gateway and one worker, as child processes."""
+    env = dict(os.environ)
+    me = [sys.executable, "-m", "dispatcher.cli"]
+    children: list[subprocess.Popen[bytes]] = []
+    vllm_url = args.vllm_url
+    try:
+        if not vllm_url:
+            sim_port = args.simulator_port
+            children.append(
+                subprocess.Popen(
+                    [
+                        *me,
+                        "simulate",
+                        "--model",
+                        args.model,
+                        "--port",
+                        str(sim_port),
+                        "--max-num-seqs",
+                        str(args.max_concurrency),
+                    ],
+                    env=env,
+                )
+            )
+            vllm_url = f"http://127.0.0.1:{sim_port}/v1"
+            _wait_http(f"http://127.0.0.1:{sim_port}/health", "the simulator")
+        secret = _run(_demo_token())
+        children.append(subprocess.Popen([*me, "gateway", "--host", args.host, "--port", str(args.port)], env=env))
+        children.append(
+            subprocess.Popen(
+                [
+                    *me,
+                    "worker",
+                    "--model",
+                    args.model,
+                    "--vllm-url",
+                    vllm_url,
+                    "--max-concurrency",
+                    str(args.max_concurrency),
+                    "--http-port",
+                    str(args.worker_port),
+                ],
+                env=env,
+            )
+        )
+        base = f"http://{args.host}:{args.port}"
+        _wait_http(base + "/ready", "the gateway")
+        _wait_http(f"http://127.0.0.1:{args.worker_port}/ready", "the worker")
+        print(f"\ndispatcher is up: {base}/v1  (model {args.model!r}, token 'demo')\n", flush=True)
+        print(
+            f"curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {secret}' "
+            f'-H \'Content-Type: application/json\' -d \'{{"model": "{args.model}", "stream": true, '
+            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n',
+            flush=True,
+        )
+        print("Press Ctrl-C to stop.", flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        sys.exit("a component stopped unexpectedly")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def _demo_token() -> str:
+    """A fresh 'demo' token for this run (secrets are shown once, so the old one is replaced)."""
+    from dispatcher.tokens import TokenStore, publish_invalidation
+
+    settings = CommonSettings()
+    store = TokenStore(settings.database_url)
+    try:
+        old = await store.delete("demo")
+        secret = await store.add("demo", 5)
+    finally:
+        await store.close()
+    await publish_invalidation(settings.redis_url, [old] if old else [])
+    return secret
+
+
+def _wait_http(url: str, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{what} did not become ready at {url} within {timeout:.0f}s")
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    p.add_argument("--host", help="address to listen on (DISPATCHER_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (DISPATCHER_PORT, default 8080)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("worker", help="run a worker beside one vLLM server")
+    p.add_argument("--model", help="model name served (DISPATCHER_MODEL)")
+    p.add_argument("--vllm-url", help="vLLM base URL, e.g. http://127.0.0.1:8000/v1 (DISPATCHER_VLLM_URL)")
+    p.add_argument("--max-concurrency", type=int, help="requests run at once (DISPATCHER_MAX_CONCURRENCY)")
+    p.add_argument("--http-port", type=int, help="port of /health, /ready, /metrics (DISPATCHER_WORKER_PORT)")
+    p.add_argument(
+        "--vllm-priority",
+        action="store_true",
+        default=None,
+        help="pass token priority to vLLM; needs --scheduling-policy priority (DISPATCHER_VLLM_PRIORITY)",
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("simulate", help="run the vLLM simulator")
+    p.add_argument("--model", default="sim-model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("tokens", help="manage API tokens")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", help="create a token; prints the secret (once) as the last line")
+    a.add_argument("name")
+    a.add_argument("--priority", type=int, default=1, help="0..10, higher is answered first")
+    _limit_flags(a)
+    actions.add_parser("list", help="list tokens")
+    a = actions.add_parser("revoke", help="revoke a token")
+    a.add_argument("name")
+    a = actions.add_parser("set-priority", help="change a token's priority")
+    a.add_argument("name")
+    a.add_argument("priority", type=int)
+    a = actions.add_parser("set-limits", help="change a token's limits (0 removes one)")
+    a.add_argument("name")
+    _limit_flags(a)
+    a = actions.add_parser("sync", help="make the database hold exactly the tokens of a YAML file")
+    a.add_argument("file")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("up", help="run the whole stack locally: simulator, gateway and a worker")
+    p.add_argument("--model", default="demo-model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--vllm-url", help="use this vLLM instead of starting the simulator")
+    p.add_argument("--simulator-port", type=int, default=8000)
+    p.add_argument("--worker-port", type=int, default=9090)
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rpm", type=int, help="requests per minute")
+    parser.add_argument("--tpm", type=int, help="prompt + completion tokens per minute")
+    parser.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+
+
+def main(argv: list[str] | None = None, extra: dict[str, Callable[..., None]] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Settings shared by every part: each one reads a ``DISPATCHER_*`` environment variable.
+
+Command-line flags override them (see ``dispatcher.cli``). Secrets (URLs with passwords) come from
+the environment only, so they never show up in ``ps`` output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+ENV_PREFIX = "DISPATCHER_"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(ENV_PREFIX + name)
+    return float(raw) if raw else default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(ENV_PREFIX + name)
+    return int(raw) if raw else default
+
+
+@dataclass
+class CommonSettings:
+    amqp_url: str = field(default_factory=lambda: _env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    # Unset: tokens are cached in-process only (fine for one gateway replica).
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))
+    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "sqlite+aiosqlite:///dispatcher.db"))
+    # RabbitMQ stream for the usage ledger, e.g. rabbitmq-stream://guest:guest@127.0.0.1:5552/ (unset: off).
+    usage_stream_url: str = field(default_factory=lambda: _env("USAGE_STREAM_URL", ""))
+    usage_stream_name: str = field(default_factory=lambda: _env("USAGE_STREAM_NAME", "usage"))
+    usage_max_age: str = field(default_factory=lambda: _env("USAGE_MAX_AGE", "30D"))
+    usage_max_bytes: int = field(default_factory=lambda: _env_int("USAGE_MAX_BYTES", 5_000_000_000))
+    # Seconds a request may wait in the queue before it is answered with 504.
+    queue_timeout: float = field(default_factory=lambda: _env_float("QUEUE_TIMEOUT", 300.0))
+    # Messages per model queue before publishing is refused with 429 (a queue argument: gateways
+    # and workers must agree on it).
+    max_queue_length: int = field(default_factory=lambda: _env_int("MAX_QUEUE_LENGTH", 10_000))
+    log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
+    log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "text"))  # text | json
+
+    def override(self, **values: object) -> None:
+        """Apply command-line values; ``None`` means "flag not given"."""
+        names = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key in names and value is not None:
+                setattr(self, key, value)
+
+
+@dataclass
+class GatewaySettings(CommonSettings):
+    host: str = field(default_factory=lambda: _env("HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: _env_int("PORT", 8080))
+    max_body_bytes: int = field(default_factory=lambda: _env_int("MAX_BODY_BYTES", 10 * 1024 * 1024))
+    # A stream whose worker stays silent this long (no frame, no heartbeat) ends with an error.
+    idle_timeout: float = field(default_factory=lambda: _env_float("IDLE_TIMEOUT", 30.0))
+    # Seconds between SSE comment lines while a streamed request waits in the queue.
+    keepalive_interval: float = field(default_factory=lambda: _env_float("KEEPALIVE_INTERVAL", 10.0))
+    # Seconds a SIGTERM'd gateway keeps serving its open streams.
+    shutdown_grace: float = field(default_factory=lambda: _env_float("SHUTDOWN_GRACE", 30.0))
+
+
+@dataclass
+class WorkerSettings(CommonSettings):
+    model: str = field(default_factory=lambda: _env("MODEL", ""))
+    vllm_url: str = field(default_factory=lambda: _env("VLLM_URL", "http://127.0.0.1:8000/v1"))
+    vllm_api_key: str = field(default_factory=lambda: _env("VLLM_API_KEY", "EMPTY"))
+    max_concurrency: int = field(default_factory=lambda: _env_int("MAX_CONCURRENCY", 16))
+    # Pass the token priority to vLLM (needs vLLM started with --scheduling-policy priority).
+    vllm_priority: bool = field(default_factory=lambda: _env_bool("VLLM_PRIORITY", False))
+    # Port of the worker's own /health, /ready and /metrics.
+    http_host: str = field(default_factory=lambda: _env("WORKER_HOST", "0.0.0.0"))
+    http_port: int = field(default_factory=lambda: _env_int("WORKER_PORT", 9090))
+    # Seconds a SIGTERM'd worker lets its running requests finish.
+    shutdown_grace: float = field(default_factory=lambda: _env_float("SHUTDOWN_GRACE", 120.0))
+    # Seconds between heartbeat frames while vLLM is silent.
+    heartbeat_interval: float = field(default_factory=lambda: _env_float("HEARTBEAT_INTERVAL", 5.0))
+    # Max delay before buffered frames are flushed to a gateway (seconds).
+    flush_interval: float = field(default_factory=lambda: _env_float("FLUSH_INTERVAL", 0.005))

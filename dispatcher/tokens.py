@@ -1,0 +1,262 @@
+"""API tokens and their priorities, kept in SQL (SQLite, PostgreSQL or MySQL/MariaDB).
+
+Only the sha256 of a token is stored; the secret is shown once, when it is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from dispatcher.wire import MAX_PRIORITY
+
+log = logging.getLogger("dispatcher.tokens")
+
+# Redis key prefix of cached tokens, and the channel that tells gateways a token changed.
+REDIS_KEY = "dispatcher:token:"
+INVALIDATE_CHANNEL = "dispatcher:tokens:invalidate"
+
+metadata = sa.MetaData()
+
+tokens_table = sa.Table(
+    "dispatcher_tokens",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("priority", sa.Integer, nullable=False, default=1),
+    sa.Column("rpm", sa.Integer, nullable=True),  # requests per minute
+    sa.Column("tpm", sa.Integer, nullable=True),  # prompt + completion tokens per minute
+    sa.Column("max_concurrent", sa.Integer, nullable=True),  # requests in flight (queued or running)
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+
+class TokenInfo(msgspec.Struct, frozen=True):
+    """What the gateway needs to know about a valid token (never the secret itself)."""
+
+    name: str
+    priority: int
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+@dataclass
+class TokenRow:
+    name: str
+    priority: int
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+    revoked: bool
+    created_at: datetime
+
+
+class TokenError(ValueError):
+    """A token command that cannot be carried out (unknown name, duplicate...)."""
+
+
+def hash_token(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def check_priority(priority: int) -> int:
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise TokenError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
+    return priority
+
+
+class TokenStore:
+    """Async access to the tokens table; the schema is created on first use."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine: AsyncEngine = create_async_engine(database_url, pool_pre_ping=True)
+        self._schema_ready = False
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ensure_schema(self) -> None:
+        if not self._schema_ready:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+            self._schema_ready = True
+
+    async def lookup(self, token_hash: str) -> TokenInfo | None:
+        await self.ensure_schema()
+        query = sa.select(
+            tokens_table.c.name,
+            tokens_table.c.priority,
+            tokens_table.c.rpm,
+            tokens_table.c.tpm,
+            tokens_table.c.max_concurrent,
+        ).where(tokens_table.c.token_hash == token_hash, tokens_table.c.revoked.is_(False))
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return TokenInfo(row.name, row.priority, row.rpm, row.tpm, row.max_concurrent)
+
+    async def hash_of(self, name: str) -> str | None:
+        await self.ensure_schema()
+        query = sa.select(tokens_table.c.token_hash).where(tokens_table.c.name == name)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query)).scalar()
+
+    async def add(
+        self,
+        name: str,
+        priority: int,
+        *,
+        secret: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> str:
+        """Create a token and return its secret (generated unless given)."""
+        await self.ensure_schema()
+        secret = secret or new_secret()
+        values = {
+            "name": name,
+            "token_hash": hash_token(secret),
+            "priority": check_priority(priority),
+            "rpm": rpm,
+            "tpm": tpm,
+            "max_concurrent": max_concurrent,
+            "revoked": False,
+            "created_at": datetime.now(UTC).replace(tzinfo=None),
+        }
+        async with self.engine.begin() as conn:
+            exists = (await conn.execute(sa.select(tokens_table.c.name).where(tokens_table.c.name == name))).first()
+            if exists:
+                raise TokenError(f"a token named {name!r} already exists")
+            await conn.execute(tokens_table.insert().values(**values))
+        return secret
+
+    async def update(self, name: str, **values: object) -> str:
+        """Change columns of a token; returns its hash (to invalidate caches)."""
+        await self.ensure_schema()
+        if "priority" in values:
+            check_priority(int(values["priority"]))  # type: ignore[call-overload]
+        async with self.engine.begin() as conn:
+            token_hash = (
+                await conn.execute(sa.select(tokens_table.c.token_hash).where(tokens_table.c.name == name))
+            ).scalar()
+            if token_hash is None:
+                raise TokenError(f"no token named {name!r}")
+            await conn.execute(tokens_table.update().where(tokens_table.c.name == name).values(**values))
+        return token_hash
+
+    async def revoke(self, name: str) -> str:
+        return await self.update(name, revoked=True)
+
+    async def delete(self, name: str) -> str | None:
+        await self.ensure_schema()
+        async with self.engine.begin() as conn:
+            token_hash = (
+                await conn.execute(sa.select(tokens_table.c.token_hash).where(tokens_table.c.name == name))
+            ).scalar()
+            await conn.execute(tokens_table.delete().where(tokens_table.c.name == name))
+        return token_hash
+
+    async def list(self) -> list[TokenRow]:
+        await self.ensure_schema()
+        query = sa.select(
+            tokens_table.c.name,
+            tokens_table.c.priority,
+            tokens_table.c.rpm,
+            tokens_table.c.tpm,
+            tokens_table.c.max_concurrent,
+            tokens_table.c.revoked,
+            tokens_table.c.created_at,
+        ).order_by(tokens_table.c.priority.desc(), tokens_table.c.name)
+        async with self.engine.connect() as conn:
+            return [TokenRow(*row) for row in (await conn.execute(query)).all()]
+
+    async def sync(self, entries: Iterable[SyncEntry]) -> list[str]:
+        """Make the table hold exactly these tokens (others are revoked). Returns changed hashes."""
+        await self.ensure_schema()
+        wanted = {entry.name: entry for entry in entries}
+        changed: list[str] = []
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(sa.select(tokens_table.c.name, tokens_table.c.token_hash))).all()
+            existing = {row.name: row.token_hash for row in rows}
+            for name, token_hash in existing.items():
+                if name not in wanted:
+                    await conn.execute(tokens_table.update().where(tokens_table.c.name == name).values(revoked=True))
+                    changed.append(token_hash)
+            for entry in wanted.values():
+                values = {
+                    "token_hash": hash_token(entry.token),
+                    "priority": check_priority(entry.priority),
+                    "rpm": entry.rpm,
+                    "tpm": entry.tpm,
+                    "max_concurrent": entry.max_concurrent,
+                    "revoked": False,
+                }
+                if entry.name in existing:
+                    await conn.execute(tokens_table.update().where(tokens_table.c.name == entry.name).values(**values))
+                    changed.append(existing[entry.name])
+                else:
+                    created = datetime.now(UTC).replace(tzinfo=None)
+                    await conn.execute(tokens_table.insert().values(name=entry.name, created_at=created, **values))
+                changed.append(values["token_hash"])  # type: ignore[arg-type]
+        return changed
+
+
+class SyncEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """One token of a sync file (the Helm chart's `tokens` list)."""
+
+    token: str
+    priority: int = 1
+    name: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class SyncFile(msgspec.Struct):
+    tokens: list[SyncEntry] = []
+
+
+def load_sync_file(text: str) -> list[SyncEntry]:
+    """Parse a YAML tokens file; unnamed tokens are called token-<index>."""
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    if isinstance(raw, list):  # a bare list is accepted too
+        raw = {"tokens": raw}
+    parsed = msgspec.convert(raw, SyncFile)
+    return [
+        msgspec.structs.replace(entry, name=entry.name or f"token-{index}") for index, entry in enumerate(parsed.tokens)
+    ]
+
+
+async def publish_invalidation(redis_url: str, token_hashes: list[str]) -> None:
+    """Tell every gateway (through Redis) that these tokens changed."""
+    if not redis_url or not token_hashes:
+        return
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.delete(*(REDIS_KEY + h for h in token_hashes))
+        for token_hash in token_hashes:
+            await client.publish(INVALIDATE_CHANNEL, token_hash)
+    except RedisError as exc:
+        log.warning("could not invalidate cached tokens in redis: %s", type(exc).__name__)
+    finally:
+        await client.aclose()

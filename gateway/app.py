@@ -1,0 +1,223 @@
+"""The Litestar application: OpenAI routes, health, and error rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from dispatcher.errors import APIError, error_body
+from dispatcher.settings import GatewaySettings
+from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
+from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_PRIORITY, H_TOKEN, H_TRACEPARENT, clamp_priority
+from gateway.auth import TokenAuthenticator
+from gateway.broker import GatewayBroker
+from gateway.relay import SSE_HEADERS, Exchange, race_disconnect
+from gateway.requests import parse_head
+
+log = logging.getLogger("dispatcher.gateway")
+
+JSON = "application/json"
+
+
+async def dispatch(request: Request, state: State, endpoint: str) -> Response:
+    settings: GatewaySettings = state.settings
+    broker: GatewayBroker = state.broker
+    token = await state.auth.authenticate(request.headers.get("authorization"))
+    body = await request.body()
+    head = parse_head(endpoint, body)
+    model = head.model or ""
+    if not broker.registry.serves(model):
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    request_id = "req-" + uuid.uuid4().hex
+    priority = clamp_priority(token.priority)
+    headers: dict[str, object] = {
+        H_ENDPOINT: endpoint,
+        H_TOKEN: token.name,
+        H_PRIORITY: priority,
+        H_DEADLINE: time.time() + settings.queue_timeout,
+    }
+    if traceparent := request.headers.get("traceparent"):
+        headers[H_TRACEPARENT] = traceparent
+    pending = await broker.publish(
+        request_id,
+        model,
+        body,
+        priority=priority,
+        headers=headers,
+        expiration=settings.queue_timeout,  # type: ignore[arg-type]
+    )
+    exchange = Exchange(
+        broker,
+        pending,
+        queue_deadline=time.monotonic() + settings.queue_timeout,
+        idle_timeout=settings.idle_timeout,
+        keepalive_interval=settings.keepalive_interval,
+    )
+    response_headers = {"x-request-id": request_id}
+    if head.stream and endpoint != "embeddings":
+        return await _streamed(request, exchange, response_headers)
+    return await _whole(request, exchange, response_headers)
+
+
+async def _streamed(request: Request, exchange: Exchange, headers: dict[str, str]) -> Response:
+    try:
+        head = asyncio.ensure_future(exchange.head(commit_after=exchange.keepalive_interval))
+        result = await race_disconnect(request.receive, head)
+    except APIError:
+        exchange.close()
+        raise
+    except BaseException:
+        exchange.close()
+        raise
+    if result is None:  # the client left while its request was queued
+        exchange.close()
+        return Response(b"", status_code=499)
+    status, content_type, frames = result
+    if status not in (0, 200):  # vLLM refused it: its status and body, unchanged
+        body = await exchange.body(frames)
+        exchange.close()
+        return Response(body, status_code=status, media_type=JSON, headers=headers)
+    return Stream(
+        exchange.sse(frames),
+        media_type=content_type or "text/event-stream; charset=utf-8",
+        headers={**SSE_HEADERS, **headers},
+    )
+
+
+async def _whole(request: Request, exchange: Exchange, headers: dict[str, str]) -> Response:
+    async def answer() -> tuple[int, str, bytes]:
+        status, content_type, frames = await exchange.head(commit_after=None)
+        return status, content_type, await exchange.body(frames)
+
+    try:
+        result = await race_disconnect(request.receive, asyncio.ensure_future(answer()))
+    finally:
+        exchange.close()
+    if result is None:
+        return Response(b"", status_code=499)
+    status, content_type, body = result
+    return Response(body, status_code=status, media_type=content_type, headers=headers)
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request, state: State) -> Response:
+    return await dispatch(request, state, "chat/completions")
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request, state: State) -> Response:
+    return await dispatch(request, state, "completions")
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request, state: State) -> Response:
+    return await dispatch(request, state, "embeddings")
+
+
+def _model_card(model: str) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "dispatcher"}
+
+
+@get("/v1/models")
+async def list_models(request: Request, state: State) -> dict[str, object]:
+    await state.auth.authenticate(request.headers.get("authorization"))
+    return {"object": "list", "data": [_model_card(m) for m in state.broker.registry.models()]}
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(request: Request, state: State, model_id: str) -> dict[str, object]:
+    await state.auth.authenticate(request.headers.get("authorization"))
+    model = model_id.lstrip("/")
+    if not state.broker.registry.serves(model):
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return _model_card(model)
+
+
+@get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready")
+async def ready(state: State) -> Response:
+    if state.broker.ready:
+        return Response({"status": "ready", "models": state.broker.registry.models()})
+    return Response({"status": "not ready", "reason": "not connected to the message broker"}, status_code=503)
+
+
+def _api_error(_: Request, exc: APIError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    message = exc.detail or "Request failed."
+    if exc.status_code == 404:
+        message = "Not found. See /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings."
+    elif exc.status_code == 413:
+        message = "The request body is too large."
+    return Response(error_body(exc.status_code, message), status_code=exc.status_code, media_type=JSON)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return Response(
+        error_body(500, "The server had an error processing your request."), status_code=500, media_type=JSON
+    )
+
+
+async def _listen_for_invalidations(client: aioredis.Redis, auth: TokenAuthenticator) -> None:
+    """Drop cached tokens the moment `dispatcher tokens` changes them."""
+    while True:
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.subscribe(INVALIDATE_CHANNEL)
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        auth.invalidate(message["data"].decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down: caches expire on their own meanwhile
+            log.warning("token invalidation listener: %s", type(exc).__name__)
+            auth.invalidate()
+            await asyncio.sleep(2)
+
+
+def create_app(settings: GatewaySettings | None = None) -> Litestar:
+    settings = settings or GatewaySettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = TokenStore(settings.database_url)
+        redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        auth = TokenAuthenticator(store, redis)
+        broker = GatewayBroker(settings)
+        app.state.update(settings=settings, store=store, auth=auth, broker=broker)
+        listener = asyncio.create_task(_listen_for_invalidations(redis, auth)) if redis else None
+        await broker.start()
+        try:
+            yield
+        finally:
+            if listener:
+                listener.cancel()
+            await broker.stop()
+            if redis is not None:
+                await redis.aclose()
+            await store.close()
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, health, ready],
+        lifespan=[lifespan],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+        request_max_body_size=settings.max_body_bytes,
+    )

@@ -1,0 +1,35 @@
+"""Run a worker until SIGTERM/SIGINT, then drain it gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+
+from dispatcher.settings import WorkerSettings
+from worker.http import EmbeddedServer, create_app
+from worker.main import Worker
+
+log = logging.getLogger("dispatcher.worker")
+
+
+async def serve(settings: WorkerSettings) -> None:
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    config = uvicorn.Config(
+        create_app(worker), host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="off"
+    )
+    server = EmbeddedServer(config)
+    http = asyncio.create_task(server.serve())
+    await worker.start()
+    await stop.wait()
+    log.info("stopping: finishing %d running requests (up to %.0fs)", len(worker.jobs), settings.shutdown_grace)
+    await worker.drain(settings.shutdown_grace)
+    await worker.stop()
+    server.should_exit = True
+    await http
