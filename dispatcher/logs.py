@@ -44,5 +44,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aio-pika/aiormq are chatty at INFO about reconnect attempts; keep their warnings.
-    for noisy in ("aiormq", "aio_pika"):
+    for noisy in ("aiormq", "aio_pika", "httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

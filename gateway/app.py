@@ -90,7 +90,8 @@ async def _streamed(request: Request, exchange: Exchange, headers: dict[str, str
         return Response(body, status_code=status, media_type=JSON, headers=headers)
     return Stream(
         exchange.sse(frames),
-        media_type=content_type or "text/event-stream; charset=utf-8",
+        # Litestar appends "; charset=utf-8" to text types itself.
+        media_type=content_type.split(";")[0].strip() or "text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )
 

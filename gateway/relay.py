@@ -80,8 +80,9 @@ class Exchange:
             timeout = self._wait_time()
             if give_up_at is not None:
                 timeout = min(timeout, max(0.0, give_up_at - time.monotonic()))
-            for frame in await self.next_frames(timeout):
-                collected.append(frame)
+            frames = await self.next_frames(timeout)
+            collected.extend(frames)
+            for frame in frames:
                 if frame.kind is Kind.HEAD:
                     return frame.status, frame.data.decode() or "application/json", collected
                 if frame.kind is Kind.ERROR:
