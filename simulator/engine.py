@@ -1,0 +1,268 @@
+"""Continuous-batching scheduler of the vLLM simulator.
+
+One asyncio task drives every sequence: each step it admits waiting sequences (priority ascending,
+then arrival) up to ``max_num_seqs``, sleeps for the simulated step time and gives every running
+sequence one token. Consumers are woken through one future per sequence, so the token rate is set by
+simulated time, not by CPU, and no per-token timers or tasks exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+WAITING = 0
+RUNNING = 1
+FINISHED = 2
+ABORTED = 3
+
+
+class Sequence:
+    """One request inside the engine; ``generated`` counts the tokens produced so far."""
+
+    __slots__ = (
+        "_waiter",
+        "arrival",
+        "generated",
+        "max_tokens",
+        "priority",
+        "prompt_tokens",
+        "request_id",
+        "state",
+        "stream",
+        "user",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        priority: int = 0,
+        user: str | None = None,
+        stream: bool = True,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.priority = priority
+        self.user = user
+        # Non-streaming consumers only need the end: waking them per token would cost CPU for nothing.
+        self.stream = stream
+        self.generated = 0
+        self.state = WAITING
+        self.arrival = -1
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state >= FINISHED
+
+    async def wait(self, seen: int) -> None:
+        """Return once more than ``seen`` tokens exist (streaming) or the sequence has ended."""
+        if self.state >= FINISHED or (self.stream and self.generated > seen):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    async def finished(self) -> None:
+        """Return when the sequence has finished or been aborted."""
+        while self.state < FINISHED:
+            await self.wait(self.generated)
+
+    def _wake(self) -> None:
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+class Engine:
+    """The simulated vLLM engine: a priority waiting queue and a running batch of bounded size."""
+
+    def __init__(
+        self,
+        max_num_seqs: int = 16,
+        *,
+        decode_ms: float = 10.0,
+        decode_ms_per_seq: float = 0.25,
+        prefill_ms: float = 5.0,
+        log_size: int = 10_000,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        self.max_num_seqs = max_num_seqs
+        self.decode_ms = decode_ms
+        self.decode_ms_per_seq = decode_ms_per_seq
+        self.prefill_ms = prefill_ms
+        self._waiting: list[tuple[int, int, Sequence]] = []
+        self._num_waiting = 0
+        # Keyed by arrival number; dicts keep insertion order, so the batch order is admission order.
+        self._running: dict[int, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self.log: deque[dict[str, Any]] = deque(maxlen=log_size)
+        # Resettable counters for /sim/stats.
+        self.started = 0
+        self.finished = 0
+        self.aborted = 0
+        self.generated_tokens = 0
+        # Monotonic counters for /metrics (Prometheus counters never go back).
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.success_total = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; it is started by the engine loop in (priority, arrival) order."""
+        self._ensure_loop()
+        seq.arrival = next(self._arrivals)
+        seq.state = WAITING
+        heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq))
+        self._num_waiting += 1
+        self._record("queued", seq)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove ``seq`` at once (no more tokens); a running one frees its slot for the next step."""
+        if seq.state == WAITING:
+            # The heap entry is skipped lazily at admission; the count is exact now.
+            self._num_waiting -= 1
+        elif seq.state == RUNNING:
+            del self._running[seq.arrival]
+        else:
+            return
+        seq.state = ABORTED
+        self.aborted += 1
+        self._record("aborted", seq)
+        seq._wake()
+
+    def reset_stats(self) -> None:
+        self.started = self.finished = self.aborted = self.generated_tokens = 0
+        self.log.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "finished": self.finished,
+            "aborted": self.aborted,
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "generated_tokens": self.generated_tokens,
+            "log": list(self.log),
+        }
+
+    async def aclose(self) -> None:
+        """Stop the loop and abort whatever is still queued or running."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for seq in list(self._running.values()):
+            self.abort(seq)
+        for _, _, seq in self._waiting:
+            self.abort(seq)
+        self._waiting.clear()
+
+    def _record(self, event: str, seq: Sequence) -> None:
+        self.log.append(
+            {
+                "event": event,
+                "request_id": seq.request_id,
+                "user": seq.user,
+                "priority": seq.priority,
+                "t": time.monotonic(),
+            }
+        )
+
+    def _ensure_loop(self) -> None:
+        # Started lazily so the engine works with or without ASGI lifespan, on whichever loop serves it.
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="simulator-engine")
+
+    def _admit(self) -> int:
+        new = 0
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            _, _, seq = heapq.heappop(self._waiting)
+            if seq.state != WAITING:
+                continue  # aborted while waiting
+            self._num_waiting -= 1
+            seq.state = RUNNING
+            self._running[seq.arrival] = seq
+            self.started += 1
+            self.prompt_tokens_total += seq.prompt_tokens
+            self._record("started", seq)
+            new += 1
+        return new
+
+    def _step(self) -> None:
+        done: list[Sequence] = []
+        for seq in self._running.values():
+            seq.generated += 1
+            if seq.generated >= seq.max_tokens:
+                done.append(seq)
+            elif seq.stream:
+                seq._wake()
+        n = len(self._running)
+        self.generated_tokens += n
+        self.generation_tokens_total += n
+        for seq in done:
+            del self._running[seq.arrival]
+            seq.state = FINISHED
+            self.finished += 1
+            self.success_total += 1
+            self._record("finished", seq)
+            seq._wake()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        assert wakeup is not None
+        target = loop.time()
+        while True:
+            if not self._running and not self._num_waiting:
+                wakeup.clear()
+                await wakeup.wait()
+                target = loop.time()
+            new = self._admit()
+            n = len(self._running)
+            if not n:
+                continue
+            # Prefill of newly admitted sequences is folded into this step (like chunked prefill).
+            step = (self.decode_ms + self.decode_ms_per_seq * n + (self.prefill_ms if new else 0.0)) / 1000
+            target += step
+            now = loop.time()
+            if target < now - step:
+                # CPU-starved by more than a step: restart the clock instead of bursting catch-up steps.
+                target = now
+            await asyncio.sleep(max(0.0, target - now))
+            try:
+                self._step()
+            except Exception:  # pragma: no cover - a bug here must not kill every stream silently
+                logger.exception("simulator engine step failed")
