@@ -14,9 +14,10 @@ from collections import deque
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import DeliveryError, PublishError
 
+from dispatcher.amqp import BrokerLink
 from dispatcher.errors import APIError, error_body
 from dispatcher.settings import GatewaySettings
 from dispatcher.wire import (
@@ -62,7 +63,9 @@ class PendingRequest:
             self.accepted_at = time.monotonic()
         elif frame.worker and self.owner and frame.worker != self.owner:
             return False
-        elif frame.kind is Kind.HEAD or frame.kind is Kind.DATA:
+        elif frame.kind is Kind.DATA:
+            # Only body bytes commit us to this worker: a redelivery after a bare HEAD (the worker
+            # died while vLLM still queued the request) is served from the start, cleanly.
             self.output_started = True
         self._frames.append(frame)
         self._wakeup.set()
@@ -116,55 +119,39 @@ class GatewayBroker:
         self.settings = settings
         self.registry = ModelRegistry()
         self.pending: dict[str, PendingRequest] = {}
-        self.connection: AbstractRobustConnection | None = None
+        self.link = BrokerLink(settings.amqp_url, "dispatcher-gateway", self._setup, self._on_connection_lost)
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._control: aio_pika.abc.AbstractExchange | None = None
-        self._ready = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and self.connection is not None and not self.connection.is_closed
+        return self.link.ready and self._channel is not None
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": "dispatcher-gateway"}
-        )
-        self.connection.reconnect_callbacks.add(self._on_reconnect)
-        self.connection.close_callbacks.add(self._on_connection_lost)
-        await self._setup()
+        """Connect in the background (retrying until the broker is there); /ready says when."""
+        self.link.start()
 
     async def stop(self) -> None:
-        self._ready.clear()
-        if self.connection is not None:
-            await self.connection.close()
+        await self.link.close()
 
-    async def _setup(self) -> None:
-        """(Re)create the channel, the reply consumer and the control subscription."""
-        assert self.connection is not None
-        # A plain channel (not restored by the robust connection): after a reconnect the reply
-        # queue has a new name, so it is rebuilt here rather than restored behind our back.
-        self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        reply_queue = await self._channel.get_queue(REPLY_TO, ensure=False)
+    async def _setup(self, connection: AbstractConnection) -> None:
+        """Build the channel, the reply consumer and the control subscription on a fresh connection."""
+        # One plain channel per connection: after a reconnect the reply queue has a new name, so it
+        # is rebuilt here, exactly once, rather than restored behind our back.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self.link.watch(channel)
+        reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
         await reply_queue.consume(self._on_reply, no_ack=True)
-        self._control = await self._channel.declare_exchange(
-            CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        control_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-        await control_queue.bind(self._control)
+        control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await control_queue.bind(control)
         await control_queue.consume(self._on_control, no_ack=True)
-        await self._control.publish(aio_pika.Message(control_encoder.encode(Discover())), routing_key="")
-        self._ready.set()
+        self._channel, self._control = channel, control
+        await control.publish(aio_pika.Message(control_encoder.encode(Discover())), routing_key="")
 
-    async def _on_reconnect(self, *_: object) -> None:
-        try:
-            await self._setup()
-            log.info("reconnected to the broker")
-        except Exception:
-            log.exception("could not set up the channel after reconnecting")
-
-    def _on_connection_lost(self, *_: object) -> None:
-        self._ready.clear()
+    def _on_connection_lost(self) -> None:
+        self._channel = self._control = None
         # Replies for requests in flight were addressed to the old channel: they are lost.
         for pending in self.pending.values():
             pending.fail(503, "Lost the connection to the message broker; please retry.")

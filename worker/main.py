@@ -21,10 +21,12 @@ import uuid
 from typing import Any
 
 import aio_pika
+import httpx
 import msgspec
 import openai
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from dispatcher.amqp import BrokerLink
 from dispatcher.errors import error_body
 from dispatcher.settings import WorkerSettings
 from dispatcher.wire import (
@@ -41,8 +43,10 @@ from dispatcher.wire import (
     queue_name,
     vllm_priority,
 )
+from worker.accounting import TokenClock, WorkerAccounting
 from worker.job import Job, Usage, usage_of
 from worker.replies import ReplySender
+from worker.usage import UsageLedger
 from worker.vllm import VLLMClient, sse_events
 
 log = logging.getLogger("dispatcher.worker")
@@ -63,12 +67,27 @@ class Worker:
         self.vllm_healthy = False
         self.vllm_load: dict[str, float] | None = None
         self.accepting = True
-        self.connection: AbstractRobustConnection | None = None
+        self.link = BrokerLink(
+            settings.amqp_url, f"dispatcher-worker-{self.id}", self._setup, self._on_connection_lost
+        )
+        self._consuming_lock = asyncio.Lock()
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._control: aio_pika.abc.AbstractExchange | None = None
         self.replies: ReplySender | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.ledger = (
+            UsageLedger(
+                settings.usage_stream_url,
+                settings.usage_stream_name,
+                max_age=settings.usage_max_age,
+                max_bytes=settings.usage_max_bytes,
+            )
+            if settings.usage_stream_url
+            else None
+        )
+        self.accounting = WorkerAccounting(settings.model, self.id, self.ledger)
+        self.accounting.bind(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -78,33 +97,43 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        connected = self.connection is not None and not self.connection.is_closed
-        return connected and self.vllm_healthy and self.accepting
+        return self.link.ready and self.vllm_healthy and self.accepting
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": f"dispatcher-worker-{self.id}"}
-        )
-        self.connection.reconnect_callbacks.add(self._on_reconnect)
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=self.settings.max_concurrency)
-        self._queue = await channel.declare_queue(
-            queue_name(self.settings.model), durable=True, arguments=queue_arguments(self.settings.max_queue_length)
-        )
-        self._control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-        control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await control_queue.bind(self._control)
-        await control_queue.consume(self._on_control, no_ack=True)
-        reply_channel = await self.connection.channel(publisher_confirms=False)
-        self.replies = ReplySender(reply_channel, self.settings.flush_interval)
+        """Start serving; the broker connection comes up in the background (with retries)."""
         self.vllm_healthy = await self.vllm.healthy()
+        self.link.start()
+        if self.ledger is not None:
+            await self.ledger.start()
         self._tasks = [
             asyncio.create_task(self._watch_vllm()),
             asyncio.create_task(self._announce_periodically()),
             asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._watch_queue_depth()),
         ]
-        await self._update_consuming()
         log.info("worker %s serving model %s from %s", self.id, self.settings.model, self.settings.vllm_url)
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        """Build channels, queues and consumers on a fresh broker connection (at start and after a loss)."""
+        channel = await connection.channel()
+        self.link.watch(channel)
+        await channel.set_qos(prefetch_count=self.settings.max_concurrency)
+        queue = await channel.declare_queue(
+            queue_name(self.settings.model), durable=True, arguments=queue_arguments(self.settings.max_queue_length)
+        )
+        control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await control_queue.bind(control)
+        await control_queue.consume(self._on_control, no_ack=True)
+        reply_channel = await connection.channel(publisher_confirms=False)
+        self.link.watch(reply_channel)
+        if self.replies is None:
+            self.replies = ReplySender(reply_channel, self.settings.flush_interval)
+        else:
+            self.replies.channel = reply_channel
+        self._queue, self._control, self._consumer_tag = queue, control, None
+        await self._update_consuming()
+        await self._announce()
 
     async def drain(self, grace: float) -> None:
         """Stop taking requests and let running ones finish for up to ``grace`` seconds."""
@@ -125,19 +154,20 @@ class Worker:
             task.cancel()
         if self.replies is not None:
             await self.replies.flush()
-        if self.connection is not None:
-            await self.connection.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+        await self.link.close()
         await self.vllm.close()
 
-    async def _on_reconnect(self, *_: object) -> None:
-        # The robust connection restored our channels and consumer; jobs in flight lost their
-        # delivery tags (the broker requeued them), so abandon them without acking.
+    def _on_connection_lost(self) -> None:
+        # The broker requeued our unacked messages and the gateways failed these requests (their
+        # reply addresses died with their connections): stop the vLLM work, without acking.
+        self._queue = self._control = None
+        self._consumer_tag = None
         for job in list(self.jobs.values()):
             job.message = None  # type: ignore[assignment]
             if job.task is not None:
                 job.task.cancel()
-        self._consumer_tag = None
-        await self._update_consuming()
 
     # -- taking messages -------------------------------------------------------------------
 
@@ -145,20 +175,28 @@ class Worker:
         if not (self.accepting and self.vllm_healthy):
             return False
         waiting = (self.vllm_load or {}).get("vllm:num_requests_waiting", 0.0)
-        return waiting == 0 or not self.jobs  # an idle worker may always try one request
+        if waiting == 0 or not self.jobs:
+            return True  # an idle worker may always try one request
+        # vLLM counts what arrived since its last scheduler step as waiting: under load, requests we
+        # handed it in the last second are normally there. More than those is a backlog: pause.
+        recent = time.monotonic() - 1.0
+        return waiting <= sum(1 for job in self.jobs.values() if job.received_at > recent)
 
     async def _update_consuming(self) -> None:
-        if self._queue is None:
-            return
-        wanted = self._should_consume()
-        try:
-            if wanted and self._consumer_tag is None:
-                self._consumer_tag = await self._queue.consume(self._on_message)
-            elif not wanted and self._consumer_tag is not None:
-                tag, self._consumer_tag = self._consumer_tag, None
-                await self._queue.cancel(tag)
-        except Exception as exc:  # broker down: the reconnect callback tries again
-            log.warning("could not change consuming state: %s", type(exc).__name__)
+        # Serialised: two callers both seeing "no consumer" would start two.
+        async with self._consuming_lock:
+            queue = self._queue
+            if queue is None:
+                return
+            wanted = self._should_consume()
+            try:
+                if wanted and self._consumer_tag is None:
+                    self._consumer_tag = await queue.consume(self._on_message)
+                elif not wanted and self._consumer_tag is not None:
+                    tag, self._consumer_tag = self._consumer_tag, None
+                    await queue.cancel(tag)
+            except Exception as exc:  # broker down: the next connection starts over
+                log.warning("could not change consuming state: %s", type(exc).__name__)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         job = Job.from_message(message)
@@ -168,10 +206,12 @@ class Worker:
         if self.cancelled.pop(job.request_id, None) is not None:
             log.info("skipping a request cancelled while queued", extra={"request_id": job.request_id})
             await message.ack()
+            self.accounting.finish(job, outcome="cancelled", status=0, usage=None, stream=False)
             return
         if job.expired():
             self._send(job, Kind.ERROR, error_body(504, "The request timed out waiting in the queue."), 504)
             await message.ack()
+            self.accounting.finish(job, outcome="error", status=504, usage=None, stream=False)
             return
         self.jobs[job.request_id] = job
         job.task = asyncio.create_task(self._serve(job))
@@ -184,6 +224,8 @@ class Worker:
         if usage is not None:
             frame.prompt_tokens, frame.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         job.last_sent_at = time.monotonic()
+        if status:
+            job.status = status
         self.replies.send(job.reply_to, frame)
 
     def _request_body(self, job: Job) -> tuple[dict[str, Any], bool, bool]:
@@ -204,8 +246,13 @@ class Worker:
         self._send(job, Kind.ACCEPTED)
         usage: Usage | None = None
         outcome = "ok"
+        stream = False
+        clock: TokenClock | None = None
+        started_at: float | None = None
         try:
             body, stream, wants_usage = self._request_body(job)
+            clock = self.accounting.clock()
+            started_at = time.monotonic()
             extra_headers = {"X-Request-Id": job.request_id}
             if job.traceparent:
                 extra_headers[H_TRACEPARENT] = job.traceparent
@@ -214,6 +261,7 @@ class Worker:
                 self._send(job, Kind.HEAD, upstream.headers.get("content-type", "").encode(), upstream.status_code)
                 if stream:
                     async for event in sse_events(upstream):
+                        clock.event(event)
                         if b'"usage":{' in event:
                             usage = usage_of(event[event.find(b"{") :]) or usage
                             if not wants_usage and USAGE_ONLY in event:
@@ -230,7 +278,7 @@ class Worker:
         except openai.APITimeoutError:
             outcome = "error"
             self._send(job, Kind.ERROR, error_body(504, "The inference server timed out."), 504)
-        except openai.APIConnectionError:
+        except (openai.APIConnectionError, httpx.TransportError):  # refused, or dropped mid-answer
             outcome = "error"
             self._send(job, Kind.ERROR, error_body(502, "The inference server is unreachable."), 502)
         except msgspec.DecodeError:
@@ -249,6 +297,8 @@ class Worker:
             self._send(job, Kind.ERROR, error_body(500, "The worker failed to process the request."), 500)
         finally:
             self.jobs.pop(job.request_id, None)
+            # No message left: the broker requeued the request, whoever serves it next records it.
+            requeued = job.message is None
             if job.message is not None:
                 try:
                     await job.message.ack()
@@ -262,8 +312,21 @@ class Worker:
                     "token": job.token_name,
                     "outcome": outcome,
                     "duration_s": round(time.monotonic() - job.received_at, 4),
+                    "requeued": requeued,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
                 },
             )
+            if not requeued:
+                self.accounting.finish(
+                    job,
+                    outcome=outcome,
+                    status=job.status,
+                    usage=usage,
+                    stream=stream,
+                    clock=clock,
+                    started_at=started_at,
+                )
 
     # -- background loops ------------------------------------------------------------------
 
@@ -276,6 +339,20 @@ class Worker:
                 await self._announce()
             self.vllm_load = await self.vllm.load() if healthy else None
             await self._update_consuming()
+            await asyncio.sleep(interval)
+
+    async def _watch_queue_depth(self, interval: float = 2.0) -> None:
+        """The model queue's ready messages, for dispatcher_queue_depth (a redeclare with the same
+        arguments returns the count; unlike a passive declare it cannot close the channel)."""
+        gauge = self.accounting.metrics.queue_depth.labels(self.settings.model)
+        while True:
+            queue = self._queue
+            if queue is not None:
+                try:
+                    declared = await queue.declare(timeout=5)
+                    gauge.set(declared.message_count or 0)
+                except Exception as exc:
+                    log.debug("could not read the queue depth: %s", exc)
             await asyncio.sleep(interval)
 
     async def _announce_periodically(self, interval: float = 5.0) -> None:
