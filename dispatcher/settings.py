@@ -71,6 +71,14 @@ class GatewaySettings(CommonSettings):
     keepalive_interval: float = field(default_factory=lambda: _env_float("KEEPALIVE_INTERVAL", 10.0))
     # Seconds a SIGTERM'd gateway keeps serving its open streams.
     shutdown_grace: float = field(default_factory=lambda: _env_float("SHUTDOWN_GRACE", 30.0))
+    # Seconds a gateway trusts a token it looked up (changes also arrive at once through Redis).
+    token_cache_ttl: float = field(default_factory=lambda: _env_float("TOKEN_CACHE_TTL", 5.0))
+    # Length of the rate-limit window in seconds: a token's rpm/tpm are counted per window
+    # (60 = per minute; shorter only for tests).
+    rate_limit_window: float = field(default_factory=lambda: _env_float("RATE_LIMIT_WINDOW", 60.0))
+    # Requests of one token waiting in the queue (not yet taken by a worker) before more are
+    # refused with 429, so that one tenant cannot bury another of the same priority. 0 = no cap.
+    max_queued_per_token: int = field(default_factory=lambda: _env_int("MAX_QUEUED_PER_TOKEN", 64))
 
 
 @dataclass

@@ -18,9 +18,10 @@ from litestar.response import Stream
 from dispatcher.errors import APIError, error_body
 from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
-from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_PRIORITY, H_TOKEN, H_TRACEPARENT, clamp_priority
-from gateway.auth import TokenAuthenticator
+from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
+from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
+from gateway.limits import RateLimiter
 from gateway.relay import SSE_HEADERS, Exchange, race_disconnect
 from gateway.requests import parse_head
 
@@ -38,9 +39,10 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     model = head.model or ""
     if not broker.registry.serves(model):
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    priority = effective_priority(token, request.headers.get(PRIORITY_HEADER))
 
     request_id = "req-" + uuid.uuid4().hex
-    priority = clamp_priority(token.priority)
+    admission = await state.limits.admit(token)  # 429 when one of the token's limits is reached
     headers: dict[str, object] = {
         H_ENDPOINT: endpoint,
         H_TOKEN: token.name,
@@ -49,22 +51,28 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     }
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent
-    pending = await broker.publish(
-        request_id,
-        model,
-        body,
-        priority=priority,
-        headers=headers,
-        expiration=settings.queue_timeout,  # type: ignore[arg-type]
-    )
+    try:
+        pending = await broker.publish(
+            request_id,
+            model,
+            body,
+            priority=priority,
+            headers=headers,
+            expiration=settings.queue_timeout,  # type: ignore[arg-type]
+        )
+    except BaseException:
+        admission.finish()
+        raise
     exchange = Exchange(
         broker,
         pending,
         queue_deadline=time.monotonic() + settings.queue_timeout,
         idle_timeout=settings.idle_timeout,
         keepalive_interval=settings.keepalive_interval,
+        on_accepted=admission.accepted,
+        on_close=lambda outcome: admission.finish(outcome.prompt_tokens, outcome.completion_tokens),
     )
-    response_headers = {"x-request-id": request_id}
+    response_headers = {"x-request-id": request_id, **admission.headers}
     if head.stream and endpoint != "embeddings":
         return await _streamed(request, exchange, response_headers)
     return await _whole(request, exchange, response_headers)
@@ -201,9 +209,15 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         store = TokenStore(settings.database_url)
         redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-        auth = TokenAuthenticator(store, redis)
+        auth = TokenAuthenticator(store, redis, local_ttl=settings.token_cache_ttl)
+        limits = RateLimiter(
+            redis,
+            window=settings.rate_limit_window,
+            max_queued=settings.max_queued_per_token,
+            expiry=settings.queue_timeout + 600,  # a request counts as in flight at most this long
+        )
         broker = GatewayBroker(settings)
-        app.state.update(settings=settings, store=store, auth=auth, broker=broker)
+        app.state.update(settings=settings, store=store, auth=auth, broker=broker, limits=limits)
         listener = asyncio.create_task(_listen_for_invalidations(redis, auth)) if redis else None
         await broker.start()
         try:
@@ -212,6 +226,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             if listener:
                 listener.cancel()
             await broker.stop()
+            await limits.drain()
             if redis is not None:
                 await redis.aclose()
             await store.close()

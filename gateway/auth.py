@@ -15,8 +15,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher.errors import APIError
 from dispatcher.tokens import REDIS_KEY, TokenInfo, TokenStore, hash_token
+from dispatcher.wire import MAX_PRIORITY, clamp_priority
 
 log = logging.getLogger("dispatcher.gateway.auth")
+
+# The request header with which a client lowers one request's priority below its token's.
+PRIORITY_HEADER = "x-dispatcher-priority"
 
 _UNKNOWN = b"-"  # cached "no such token", so that bad tokens don't hammer SQL
 
@@ -91,6 +95,29 @@ class TokenAuthenticator:
             except RedisError:
                 pass
         return info
+
+
+def effective_priority(token: TokenInfo, requested: str | None) -> int:
+    """The request's priority: the token's, or lower when the client asks for less.
+
+    ``X-Dispatcher-Priority: N`` may lower a request below its token's priority (a batch job
+    yielding to its own interactive traffic), never raise it: higher values count as the token's.
+    """
+    own = clamp_priority(token.priority)
+    if requested is None:
+        return own
+    try:
+        value = int(requested.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise APIError(
+            400,
+            f"Invalid {PRIORITY_HEADER} header: expected an integer from 0 to {MAX_PRIORITY} (higher = sooner).",
+            param=PRIORITY_HEADER,
+            code="invalid_priority",
+        )
+    return min(own, value)
 
 
 def _bearer(authorization: str | None) -> str:

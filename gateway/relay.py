@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from dispatcher.errors import APIError, error_body
@@ -44,6 +44,9 @@ class Exchange:
     keepalive_interval: float
     started_at: float = field(default_factory=time.monotonic)
     outcome: Outcome = field(default_factory=Outcome)
+    # Hooks for per-token limits: a worker took the request; the request ended (called once).
+    on_accepted: Callable[[], None] | None = None
+    on_close: Callable[[Outcome], None] | None = None
     _last_frame_at: float = field(default_factory=time.monotonic)
 
     async def next_frames(self, timeout: float) -> list[Frame]:
@@ -55,6 +58,8 @@ class Exchange:
             for frame in frames:
                 if frame.kind is Kind.ACCEPTED and self.outcome.queue_wait is None:
                     self.outcome.queue_wait = now - self.started_at
+                    if self.on_accepted is not None:
+                        self.on_accepted()
             return frames
         if self.pending.accepted_at is None:
             if now >= self.queue_deadline:
@@ -149,6 +154,9 @@ class Exchange:
     def close(self) -> None:
         """Forget the request; cancels it on the worker if it did not complete."""
         self.broker.finish(self.pending.request_id, cancel=not self.outcome.completed)
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close(self.outcome)
 
 
 async def wait_for_disconnect(receive: object) -> None:

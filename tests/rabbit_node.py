@@ -135,6 +135,18 @@ class RabbitNode:
         while _port_open(self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def ctl(self, *args: str) -> list[list[str]]:
+        """``rabbitmqctl`` against this node; rows of tab-separated fields."""
+        result = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, "-q", *args, "--no-table-headers"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+
     def log_tail(self, chars: int = 2000) -> str:
         path = self.base / "server.out"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""

@@ -1,0 +1,340 @@
+"""Per-token limits: requests and tokens per window, requests in flight, requests queued.
+
+With Redis the counters are shared by every gateway replica: admission is one Lua script (one round
+trip) that checks and counts atomically. Without Redis they live in this process, so each replica
+enforces them separately. Redis errors fail open: a request is never refused because Redis is down.
+
+- requests per window (``rpm``): counted at admission, in a fixed window aligned on the clock.
+- tokens per window (``tpm``): prompt + completion tokens from the usage vLLM reports, charged when
+  the request ends; admission refuses while the window's total has reached the limit.
+- in flight (``max_concurrent``): queued or running, one sorted-set member per request whose score is
+  a safety expiry, so a crashed gateway's requests are forgotten eventually.
+- queued (``max_queued``, one setting for all tokens): requests published but not yet taken by a
+  worker. The queue is FIFO within a priority; this cap bounds how many of one tenant's requests can
+  stand in front of another tenant's of the same priority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from dispatcher.errors import APIError
+from dispatcher.tokens import TokenInfo
+
+log = logging.getLogger("dispatcher.gateway.limits")
+
+KEY_PREFIX = "dispatcher:limit:"
+
+# KEYS: requests (this window), tokens (this window), in-flight set, queued set
+# ARGV: now, window ttl (s), rpm, tpm, max_concurrent, max_queued, request id, set expiry (score), set ttl (s)
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_concurrent, max_queued = tonumber(ARGV[5]), tonumber(ARGV[6])
+local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+local flight, queued = 0, 0
+if max_concurrent > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  flight = redis.call('ZCARD', KEYS[3])
+end
+if max_queued > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  queued = redis.call('ZCARD', KEYS[4])
+end
+local reason = ''
+if rpm > 0 and requests >= rpm then reason = 'requests'
+elseif tpm > 0 and tokens >= tpm then reason = 'tokens'
+elseif max_concurrent > 0 and flight >= max_concurrent then reason = 'concurrency'
+elseif max_queued > 0 and queued >= max_queued then reason = 'queued'
+end
+if reason == '' then
+  if rpm > 0 then
+    requests = redis.call('INCR', KEYS[1])
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+  if max_concurrent > 0 then
+    redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+    redis.call('EXPIRE', KEYS[3], ARGV[9])
+    flight = flight + 1
+  end
+  if max_queued > 0 then
+    redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
+    redis.call('EXPIRE', KEYS[4], ARGV[9])
+    queued = queued + 1
+  end
+end
+return {reason, requests, tokens, flight, queued}
+"""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A token's counters as admission saw them (after counting this request, if admitted)."""
+
+    refused: str  # "" | "requests" | "tokens" | "concurrency" | "queued"
+    requests: int
+    tokens: int
+    in_flight: int
+    queued: int
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The limits that apply to one request (0 = none)."""
+
+    rpm: int
+    tpm: int
+    max_concurrent: int
+    max_queued: int
+
+    @classmethod
+    def of(cls, token: TokenInfo, max_queued: int) -> Quota:
+        return cls(token.rpm or 0, token.tpm or 0, token.max_concurrent or 0, max_queued)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_concurrent or self.max_queued)
+
+
+def _keys(name: str, window_index: int) -> tuple[str, str, str, str]:
+    # The hash tag keeps a token's keys in one Redis Cluster slot, as Lua scripts need.
+    base = f"{KEY_PREFIX}{{{name}}}:"
+    return base + f"req:{window_index}", base + f"tok:{window_index}", base + "flight", base + "queued"
+
+
+class RedisCounters:
+    """The counters in Redis, shared by every gateway replica."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._admit = redis.register_script(_ADMIT)
+
+    async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
+        now = time.time()
+        keys = _keys(name, int(now // window))
+        args = [now, math.ceil(window) + 1, quota.rpm, quota.tpm, quota.max_concurrent, quota.max_queued,
+                request_id, now + expiry, math.ceil(expiry)]  # fmt: skip
+        reason, requests, tokens, flight, queued = await self._admit(keys=list(keys), args=args)
+        refused = reason.decode() if isinstance(reason, bytes) else str(reason)
+        return Counts(refused, int(requests), int(tokens), int(flight), int(queued))
+
+    async def accepted(self, name: str, request_id: str) -> None:
+        await self.redis.zrem(_keys(name, 0)[3], request_id)
+
+    async def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+        now = time.time()
+        _, tokens_key, flight_key, queued_key = _keys(name, int(now // window))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(flight_key, request_id)
+            pipe.zrem(queued_key, request_id)
+            if tokens > 0:
+                pipe.incrby(tokens_key, tokens)
+                pipe.expire(tokens_key, math.ceil(window) + 1)
+            await pipe.execute()
+
+
+@dataclass
+class _Window:
+    index: int = -1
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _TokenState:
+    window: _Window = field(default_factory=_Window)
+    in_flight: dict[str, float] = field(default_factory=dict)  # request id -> expiry
+    queued: dict[str, float] = field(default_factory=dict)
+
+
+class LocalCounters:
+    """The same counters in this process (no Redis): each gateway replica counts for itself."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, _TokenState] = {}
+
+    def _state(self, name: str, now: float, window: float) -> _TokenState:
+        state = self._tokens.setdefault(name, _TokenState())
+        index = int(now // window)
+        if state.window.index != index:
+            state.window = _Window(index)
+        for members in (state.in_flight, state.queued):
+            for request_id in [r for r, until in members.items() if until <= now]:
+                del members[request_id]
+        return state
+
+    async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
+        now = time.time()
+        state = self._state(name, now, window)
+        current = state.window
+        refused = ""
+        if quota.rpm and current.requests >= quota.rpm:
+            refused = "requests"
+        elif quota.tpm and current.tokens >= quota.tpm:
+            refused = "tokens"
+        elif quota.max_concurrent and len(state.in_flight) >= quota.max_concurrent:
+            refused = "concurrency"
+        elif quota.max_queued and len(state.queued) >= quota.max_queued:
+            refused = "queued"
+        if not refused:
+            current.requests += 1
+            if quota.max_concurrent:
+                state.in_flight[request_id] = now + expiry
+            if quota.max_queued:
+                state.queued[request_id] = now + expiry
+        return Counts(refused, current.requests, current.tokens, len(state.in_flight), len(state.queued))
+
+    async def accepted(self, name: str, request_id: str) -> None:
+        state = self._tokens.get(name)
+        if state is not None:
+            state.queued.pop(request_id, None)
+
+    async def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+        state = self._state(name, time.time(), window)
+        state.in_flight.pop(request_id, None)
+        state.queued.pop(request_id, None)
+        state.window.tokens += tokens
+
+
+class Admission:
+    """One admitted request: report when a worker took it and when it ended (exactly once)."""
+
+    def __init__(self, limiter: RateLimiter | None, name: str, request_id: str, headers: dict[str, str]) -> None:
+        self._limiter = limiter
+        self.name = name
+        self.request_id = request_id
+        self.headers = headers  # x-ratelimit-* for the response
+        self._accepted = False
+        self._finished = False
+
+    def accepted(self) -> None:
+        """A worker took the request off the queue: it no longer counts as queued."""
+        if self._limiter is None or self._accepted or self._finished:
+            return
+        self._accepted = True
+        self._limiter.background(self._limiter.counters.accepted(self.name, self.request_id))
+
+    def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """The request ended (any way at all): free its slot and charge the tokens it used."""
+        if self._limiter is None or self._finished:
+            return
+        self._finished = True
+        limiter = self._limiter
+        tokens = prompt_tokens + completion_tokens
+        limiter.background(limiter.counters.finish(self.name, self.request_id, tokens, limiter.window))
+
+
+class RateLimiter:
+    def __init__(self, redis: aioredis.Redis | None, *, window: float, max_queued: int, expiry: float) -> None:
+        self.counters: RedisCounters | LocalCounters = RedisCounters(redis) if redis is not None else LocalCounters()
+        self.window = window
+        self.max_queued = max_queued
+        self.expiry = expiry  # safety net: a request counts as in flight at most this long
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._warned_at = 0.0
+
+    async def admit(self, token: TokenInfo) -> Admission:
+        """Count a new request of this token, or raise a 429 APIError when a limit is reached."""
+        quota = Quota.of(token, self.max_queued)
+        request_id = uuid.uuid4().hex
+        if not quota.any:
+            return Admission(None, token.name, request_id, {})
+        try:
+            counts = await self.counters.admit(token.name, request_id, quota, self.window, self.expiry)
+        except (RedisError, OSError) as exc:  # fail open: limits are not worth an outage
+            self._warn(exc)
+            return Admission(None, token.name, request_id, {})
+        headers = self._headers(quota, counts)
+        if counts.refused:
+            raise _refusal(token.name, quota, counts, headers, self._reset())
+        return Admission(self, token.name, request_id, headers)
+
+    def background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._quietly(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quietly(self, work: Any) -> None:
+        try:
+            await work
+        except (RedisError, OSError) as exc:
+            self._warn(exc)
+
+    async def drain(self) -> None:
+        """Let pending counter updates reach Redis (on shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2)
+
+    def _reset(self) -> float:
+        """Seconds until the current window ends."""
+        return self.window - (time.time() % self.window)
+
+    def _headers(self, quota: Quota, counts: Counts) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        reset = duration(self._reset())
+        if quota.rpm:
+            headers["x-ratelimit-limit-requests"] = str(quota.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, quota.rpm - counts.requests))
+            headers["x-ratelimit-reset-requests"] = reset
+        if quota.tpm:
+            headers["x-ratelimit-limit-tokens"] = str(quota.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, quota.tpm - counts.tokens))
+            headers["x-ratelimit-reset-tokens"] = reset
+        return headers
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > 10:
+            self._warned_at = now
+            log.warning("rate limits unavailable (Redis: %s): letting requests through", type(exc).__name__)
+
+
+def _refusal(name: str, quota: Quota, counts: Counts, headers: dict[str, str], reset: float) -> APIError:
+    retry_after = 1
+    if counts.refused == "requests":
+        retry_after = math.ceil(reset)
+        message = (
+            f"Rate limit reached for requests per minute (RPM) on token {name}: "
+            f"Limit {quota.rpm}, Used {counts.requests}. Please try again in {duration(reset)}."
+        )
+        code = "rate_limit_exceeded"
+    elif counts.refused == "tokens":
+        retry_after = math.ceil(reset)
+        message = (
+            f"Rate limit reached for tokens per minute (TPM) on token {name}: "
+            f"Limit {quota.tpm}, Used {counts.tokens}. Please try again in {duration(reset)}."
+        )
+        code = "rate_limit_exceeded"
+    elif counts.refused == "concurrency":
+        message = (
+            f"Too many requests in flight for token {name}: limit {quota.max_concurrent}. "
+            "Wait for one to finish and try again."
+        )
+        code = "concurrency_limit_exceeded"
+    else:
+        message = (
+            f"Too many requests queued for token {name}: limit {quota.max_queued}. "
+            "Wait for the queue to move and try again."
+        )
+        code = "too_many_queued_requests"
+    return APIError(429, message, code=code, headers={**headers, "Retry-After": str(max(1, retry_after))})
+
+
+def duration(seconds: float) -> str:
+    """A duration the way OpenAI's x-ratelimit-reset-* headers write it: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    if minutes:
+        return f"{int(minutes)}m{int(rest)}s"
+    return f"{rest:.3g}s"
