@@ -34,12 +34,14 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import DrainingServer
 
     settings = GatewaySettings()
     settings.override(host=args.host, port=args.port)
     setup_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -49,6 +51,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         timeout_keep_alive=30,
     )
+    DrainingServer(config, on_drain=lambda: app.state.update(draining=True), drain_delay=settings.drain_delay).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -128,6 +131,41 @@ async def _tokens(args: argparse.Namespace) -> None:
 
 def _dash(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+# -- usage ----------------------------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    """Totals per token and model from the usage ledger (a RabbitMQ stream)."""
+    import json
+
+    from dispatcher.usage import parse_time, read_usage, render_csv, render_table, summarize
+
+    settings = CommonSettings()
+    settings.override(usage_stream_url=args.stream_url, usage_stream_name=args.stream)
+    if not settings.usage_stream_url:
+        sys.exit("error: no usage stream: set DISPATCHER_USAGE_STREAM_URL or pass --stream-url")
+    try:
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    from rstream import StreamDoesNotExist
+
+    try:
+        records = _run(read_usage(settings.usage_stream_url, settings.usage_stream_name, since, until))
+    except StreamDoesNotExist:
+        sys.exit(f"error: the stream {settings.usage_stream_name!r} does not exist (no worker has written to it yet)")
+    except (OSError, ConnectionError) as exc:
+        sys.exit(f"error: cannot reach the usage stream: {exc}")
+    rows = summarize(records)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        print(render_csv(rows), end="")
+    else:
+        print(render_table(rows))
 
 
 # -- the whole stack --------------------------------------------------------------------------
@@ -284,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("sync", help="make the database hold exactly the tokens of a YAML file")
     a.add_argument("file")
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("usage", help="totals per token and model from the usage ledger")
+    p.add_argument("--since", default="24h", help="start: 1h, 30m, 7d (ago), 2026-11-01, an ISO time (UTC default)")
+    p.add_argument("--until", help="end, same forms as --since (default: now)")
+    p.add_argument("--stream-url", help="rabbitmq-stream://user:password@host:5552/ (DISPATCHER_USAGE_STREAM_URL)")
+    p.add_argument("--stream", help="stream name (DISPATCHER_USAGE_STREAM_NAME, default usage)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
+    fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
+    p.set_defaults(func=cmd_usage, format="table")
 
     p = sub.add_parser("up", help="run the whole stack locally: simulator, gateway and a worker")
     p.add_argument("--model", default="demo-model")

@@ -25,6 +25,7 @@ H_TOKEN = "x-token-name"
 H_PRIORITY = "x-priority"  # the effective token priority (0..MAX_PRIORITY, higher = first)
 H_DEADLINE = "x-deadline"  # unix time (float seconds) after which the request must not be served
 H_TRACEPARENT = "traceparent"
+H_ENQUEUED_AT = "x-enqueued-at"  # unix time (float seconds) the gateway published it: queue wait, TTFT
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 

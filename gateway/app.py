@@ -14,11 +14,14 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher.errors import APIError, error_body
+from dispatcher.metrics import gateway_metrics
 from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
-from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
+from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
+from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
 from gateway.limits import RateLimiter
@@ -33,21 +36,26 @@ JSON = "application/json"
 async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     settings: GatewaySettings = state.settings
     broker: GatewayBroker = state.broker
+    # Metrics and the request's log line; rejections are recorded by the APIError handler.
+    record = request.state.record = RequestRecord("req-" + uuid.uuid4().hex, endpoint)
     token = await state.auth.authenticate(request.headers.get("authorization"))
+    record.token = token.name
     body = await request.body()
     head = parse_head(endpoint, body)
     model = head.model or ""
     if not broker.registry.serves(model):
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     priority = effective_priority(token, request.headers.get(PRIORITY_HEADER))
+    record.model, record.priority, record.stream = model, priority, bool(head.stream) and endpoint != "embeddings"
 
-    request_id = "req-" + uuid.uuid4().hex
+    request_id = record.request_id
     admission = await state.limits.admit(token)  # 429 when one of the token's limits is reached
     headers: dict[str, object] = {
         H_ENDPOINT: endpoint,
         H_TOKEN: token.name,
         H_PRIORITY: priority,
         H_DEADLINE: time.time() + settings.queue_timeout,
+        H_ENQUEUED_AT: time.time(),
     }
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent
@@ -72,6 +80,8 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
         on_accepted=admission.accepted,
         on_close=lambda outcome: admission.finish(outcome.prompt_tokens, outcome.completion_tokens),
     )
+    record.published()
+    exchange.on_end = record.finished
     response_headers = {"x-request-id": request_id, **admission.headers}
     if head.stream and endpoint != "embeddings":
         return await _streamed(request, exchange, response_headers)
@@ -82,7 +92,8 @@ async def _streamed(request: Request, exchange: Exchange, headers: dict[str, str
     try:
         head = asyncio.ensure_future(exchange.head(commit_after=exchange.keepalive_interval))
         result = await race_disconnect(request.receive, head)
-    except APIError:
+    except APIError as exc:
+        exchange.outcome.status = exc.status  # queue timeout or lost worker: an error, not a cancel
         exchange.close()
         raise
     except BaseException:
@@ -111,6 +122,9 @@ async def _whole(request: Request, exchange: Exchange, headers: dict[str, str]) 
 
     try:
         result = await race_disconnect(request.receive, asyncio.ensure_future(answer()))
+    except APIError as exc:
+        exchange.outcome.status = exc.status
+        raise
     finally:
         exchange.close()
     if result is None:
@@ -160,16 +174,35 @@ async def health() -> dict[str, str]:
 
 @get("/ready")
 async def ready(state: State) -> Response:
+    if state.get("draining"):
+        return Response({"status": "not ready", "reason": "shutting down"}, status_code=503)
     if state.broker.ready:
         return Response({"status": "ready", "models": state.broker.registry.models()})
     return Response({"status": "not ready", "reason": "not connected to the message broker"}, status_code=503)
 
 
-def _api_error(_: Request, exc: APIError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
+@get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response:
+def _refused(request: Request, status: int, outcome: str = "rejected") -> dict[str, str]:
+    """Record a request that ended in an error response; its x-request-id header (if it had one)."""
+    record: RequestRecord | None = request.state.get("record")
+    if record is None:
+        return {}
+    if not record.ended:
+        record.rejected(status, outcome)
+    return {"x-request-id": record.request_id}
+
+
+def _api_error(request: Request, exc: APIError) -> Response:
+    headers = {**_refused(request, exc.status), **exc.headers}
+    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=headers)
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    _refused(request, exc.status_code)
     message = exc.detail or "Request failed."
     if exc.status_code == 404:
         message = "Not found. See /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings."
@@ -181,7 +214,10 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     return Response(
-        error_body(500, "The server had an error processing your request."), status_code=500, media_type=JSON
+        error_body(500, "The server had an error processing your request."),
+        status_code=500,
+        media_type=JSON,
+        headers=_refused(request, 500, "error"),
     )
 
 
@@ -204,6 +240,7 @@ async def _listen_for_invalidations(client: aioredis.Redis, auth: TokenAuthentic
 
 def create_app(settings: GatewaySettings | None = None) -> Litestar:
     settings = settings or GatewaySettings()
+    gateway_metrics()  # registered now, so /metrics lists them before the first request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -232,8 +269,10 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             await store.close()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, health, ready],
+        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, health, ready, metrics],
         lifespan=[lifespan],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,
+        # Logging is set up by dispatcher.logs (text or JSON); Litestar's default config would replace it.
+        logging_config=None,
     )

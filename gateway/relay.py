@@ -47,6 +47,8 @@ class Exchange:
     # Hooks for per-token limits: a worker took the request; the request ended (called once).
     on_accepted: Callable[[], None] | None = None
     on_close: Callable[[Outcome], None] | None = None
+    # Metrics and the request's log line (gateway/accounting.py), called once when it ends.
+    on_end: Callable[[Exchange], None] | None = None
     _last_frame_at: float = field(default_factory=time.monotonic)
 
     async def next_frames(self, timeout: float) -> list[Frame]:
@@ -157,6 +159,9 @@ class Exchange:
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close(self.outcome)
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self)
 
 
 async def wait_for_disconnect(receive: object) -> None:

@@ -8,7 +8,8 @@ Test hooks:
 - a body ``"user": "simulate-error-400"`` answers 400 (BadRequestError), ``"simulate-error-500"``
   answers 500 (InternalServerError), before anything is queued;
 - ``GET /sim/stats``: ``started``/``finished``/``aborted``/``running``/``waiting``/``generated_tokens``
-  and ``log`` (last 10,000 ``queued``/``started``/``finished``/``aborted`` events); ``POST /sim/reset``
+  and ``log`` (last 10,000 ``queued``/``started``/``finished``/``aborted`` events, each with the
+  request id, user, priority and received ``traceparent``); ``POST /sim/reset``
   clears the counters and the log;
 - an ``X-Request-Id`` header names the request in the log (and in the response ids, as vLLM does).
 """
@@ -197,6 +198,7 @@ class Simulator:
             priority=priority,
             user=user if isinstance(user, str) else None,
             stream=bool(stream),
+            traceparent=request.headers.get("traceparent"),
         )
         opts = {
             "stream": bool(stream),

@@ -38,6 +38,7 @@ class Sequence:
         "request_id",
         "state",
         "stream",
+        "traceparent",
         "user",
     )
 
@@ -50,8 +51,10 @@ class Sequence:
         priority: int = 0,
         user: str | None = None,
         stream: bool = True,
+        traceparent: str | None = None,
     ) -> None:
         self.request_id = request_id
+        self.traceparent = traceparent  # W3C trace context as received, for tests of its propagation
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.priority = priority
@@ -194,6 +197,7 @@ class Engine:
                 "request_id": seq.request_id,
                 "user": seq.user,
                 "priority": seq.priority,
+                "traceparent": seq.traceparent,
                 "t": time.monotonic(),
             }
         )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
+from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
 
 
 @dataclass
@@ -22,15 +22,18 @@ class Job:
     priority: int
     deadline: float  # unix time
     traceparent: str | None
+    enqueued_at: float | None = None  # unix time the gateway published it
     received_at: float = field(default_factory=time.monotonic)
     last_sent_at: float = field(default_factory=time.monotonic)
     output_started: bool = False
+    status: int = 0  # the status sent to the gateway (HEAD or ERROR frame)
     task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage) -> Job:
         headers = message.headers or {}
         traceparent = headers.get(H_TRACEPARENT)
+        enqueued_at = headers.get(H_ENQUEUED_AT)
         return cls(
             message=message,
             request_id=message.correlation_id or "",
@@ -40,6 +43,7 @@ class Job:
             priority=int(headers.get(H_PRIORITY, 0)),  # type: ignore[arg-type]
             deadline=float(headers.get(H_DEADLINE, 0) or 0),  # type: ignore[arg-type]
             traceparent=str(traceparent) if traceparent else None,
+            enqueued_at=float(enqueued_at) if enqueued_at else None,  # type: ignore[arg-type]
         )
 
     def expired(self) -> bool:

@@ -1,0 +1,253 @@
+"""The usage ledger on a real RabbitMQ stream: one record per request, and `dispatcher usage` totals."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from rstream import Producer
+
+from dispatcher.usage import (
+    StreamAddress,
+    UsageRecord,
+    parse_time,
+    percentile,
+    read_usage,
+    summarize,
+)
+from tests.stack import Stack, run_sync
+
+STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
+
+
+async def delete_stream(name: str) -> None:
+    address = StreamAddress.parse(STREAM_URL)
+    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
+    try:
+        await producer.start()
+        await producer.delete_stream(name, missing_ok=True)
+    finally:
+        await producer.close()
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stream = "test-usage-" + uuid.uuid4().hex[:10]
+    stack = Stack(
+        tmp_path_factory.mktemp("ledger"),
+        env={"DISPATCHER_USAGE_STREAM_URL": STREAM_URL, "DISPATCHER_USAGE_STREAM_NAME": stream},
+    )
+    stack.stream = stream  # type: ignore[attr-defined]
+    try:
+        stack.start_simulator(max_num_seqs=16, decode_ms=5)
+        stack.start_worker(max_concurrency=4)
+        stack.start_gateway()
+        yield stack
+    finally:
+        stack.close()
+        run_sync(lambda: delete_stream(stream))
+
+
+def body(stack: Stack, *, stream: bool, max_tokens: int = 8, usage: bool = True, **extra: object) -> dict[str, object]:
+    out: dict[str, object] = {
+        "model": stack.model,
+        "messages": [{"role": "user", "content": "What is a usage ledger for?"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **extra,
+    }
+    if stream and usage:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def usage_chunk(raw: bytes) -> dict[str, int] | None:
+    for event in raw.split(b"\n\n"):
+        if event.startswith(b"data: {") and b'"usage":{' in event:
+            return json.loads(event[6:])["usage"]
+    return None
+
+
+async def wait_records(stack: Stack, since: float, token: str, count: int) -> list[UsageRecord]:
+    """The token's records once ``count`` have arrived (records are flushed every 0.2 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        records = [r for r in await read_usage(STREAM_URL, stack.stream, since) if r.token == token]  # type: ignore[attr-defined]
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.3)
+
+
+async def test_one_record_per_request_with_the_clients_counts(ledger: Stack) -> None:
+    since = time.time()
+    secret = ledger.add_token("ledger-a", priority=6)
+    expected: dict[str, dict[str, object]] = {}  # request id -> what the client saw
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with httpx.AsyncClient(base_url=ledger.gateway_url, headers=auth, timeout=30) as client:
+        r = await client.post("/v1/chat/completions", json=body(ledger, stream=True, max_tokens=9))
+        expected[r.headers["x-request-id"]] = {"outcome": "ok", "usage": usage_chunk(r.content), "stream": True}
+        r = await client.post("/v1/completions", json={"model": ledger.model, "prompt": "Once", "max_tokens": 4})
+        expected[r.headers["x-request-id"]] = {"outcome": "ok", "usage": r.json()["usage"], "stream": False}
+        # The client did not ask for usage: vLLM still reported it to the worker.
+        r = await client.post("/v1/chat/completions", json=body(ledger, stream=True, max_tokens=6, usage=False))
+        assert usage_chunk(r.content) is None
+        expected[r.headers["x-request-id"]] = {"outcome": "ok", "completion_tokens": 6, "stream": True}
+        r = await client.post("/v1/chat/completions", json=body(ledger, stream=False, user="simulate-error-500"))
+        assert r.status_code == 500
+        expected[r.headers["x-request-id"]] = {"outcome": "error", "usage": None, "status": 500}
+        r = await client.post("/v1/chat/completions", json=body(ledger, stream=True, user="simulate-error-400"))
+        assert r.status_code == 400
+        expected[r.headers["x-request-id"]] = {"outcome": "error", "usage": None, "status": 400}
+        # Cancelled mid-stream: the client leaves after the first chunk of a long answer.
+        async with client.stream("POST", "/v1/chat/completions", json=body(ledger, stream=True, max_tokens=3000)) as s:
+            await anext(s.aiter_bytes())
+            expected[s.headers["x-request-id"]] = {"outcome": "cancelled", "usage": None}
+    records = await wait_records(ledger, since, "ledger-a", len(expected))
+    by_id: dict[str, list[UsageRecord]] = {}
+    for record in records:
+        by_id.setdefault(record.request_id, []).append(record)
+    assert sorted(by_id) == sorted(expected)
+    for request_id, seen in expected.items():
+        assert len(by_id[request_id]) == 1, request_id
+        record = by_id[request_id][0]
+        assert record.outcome == seen["outcome"], record
+        assert record.model == ledger.model and record.priority == 6 and record.worker
+        assert since <= record.time <= time.time()
+        if "usage" in seen:
+            usage = seen["usage"] or {"prompt_tokens": 0, "completion_tokens": 0}
+            assert (record.prompt_tokens, record.completion_tokens) == (
+                usage["prompt_tokens"],  # type: ignore[index]
+                usage["completion_tokens"],  # type: ignore[index]
+            )
+            assert record.usage_reported is (seen["usage"] is not None)
+        else:
+            assert record.completion_tokens == seen["completion_tokens"] and record.usage_reported
+        if "status" in seen:
+            assert record.status == seen["status"]
+        if seen["outcome"] == "ok":
+            assert record.queue_wait is not None and 0 <= record.queue_wait <= record.duration
+        if seen.get("stream") and seen["outcome"] == "ok":
+            assert record.ttft is not None and record.queue_wait <= record.ttft <= record.duration  # type: ignore[operator]
+    # No second record turns up later (e.g. from the cancellation).
+    await asyncio.sleep(0.6)
+    again = [r for r in await read_usage(STREAM_URL, ledger.stream, since) if r.token == "ledger-a"]  # type: ignore[attr-defined]
+    assert len(again) == len(expected)
+
+
+def run_cli(stack: Stack, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_USAGE_STREAM_URL"] = STREAM_URL
+    return subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "usage", "--stream", stack.stream, *args],  # type: ignore[attr-defined]
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    return out
+
+
+async def test_usage_cli_totals_per_token_and_model(ledger: Stack) -> None:
+    start = time.time()
+    secrets = {name: ledger.add_token(name, priority=2) for name in ("cli-x", "cli-y")}
+    sent = {"cli-x": [5, 7, 11], "cli-y": [3]}
+    prompt_tokens = {"cli-x": 0, "cli-y": 0}
+    async with httpx.AsyncClient(base_url=ledger.gateway_url, timeout=30) as client:
+        for name, lengths in sent.items():
+            for n in lengths:
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json=body(ledger, stream=True, max_tokens=n),
+                    headers={"Authorization": f"Bearer {secrets[name]}"},
+                )
+                prompt_tokens[name] += usage_chunk(r.content)["prompt_tokens"]  # type: ignore[index]
+    await wait_records(ledger, start, "cli-y", 1)
+    await wait_records(ledger, start, "cli-x", 3)
+    since = str(start)
+    # Several readers at once, in every format, while the stack runs.
+    readers = [run_cli(ledger, "--since", since, "--json") for _ in range(3)]
+    table = run_cli(ledger, "--since", since)
+    as_csv = run_cli(ledger, "--since", since, "--csv")
+    outputs = [await asyncio.to_thread(finish, p) for p in readers]
+    for out in outputs:
+        assert json.loads(out) == json.loads(outputs[0])
+    rows = {row["token"]: row for row in json.loads(outputs[0])}
+    assert set(rows) == {"cli-x", "cli-y"}
+    for name, lengths in sent.items():
+        row = rows[name]
+        assert row["model"] == ledger.model
+        assert (row["requests"], row["ok"], row["errors"], row["cancelled"]) == (len(lengths), len(lengths), 0, 0)
+        assert row["completion_tokens"] == sum(lengths)
+        assert row["prompt_tokens"] == prompt_tokens[name]
+        assert 0 < row["ttft_p50"] <= row["ttft_p95"]
+    text = await asyncio.to_thread(finish, table)
+    assert text.splitlines()[0].split()[:3] == ["TOKEN", "MODEL", "REQUESTS"]
+    assert any(line.split()[:3] == ["cli-x", ledger.model, "3"] for line in text.splitlines())
+    parsed = list(csv.DictReader(io.StringIO(await asyncio.to_thread(finish, as_csv))))
+    assert {r["token"]: int(r["completion_tokens"]) for r in parsed} == {"cli-x": 23, "cli-y": 3}
+    # A window that ends before these requests holds none of them; one starting after them, neither.
+    before = json.loads(await asyncio.to_thread(finish, run_cli(ledger, "--since", "1h", "--until", since, "--json")))
+    assert not {r["token"] for r in before} & {"cli-x", "cli-y"}
+    after = json.loads(await asyncio.to_thread(finish, run_cli(ledger, "--since", str(time.time()), "--json")))
+    assert after == []
+
+
+async def test_usage_cli_errors_clearly() -> None:
+    missing = run_cli_raw("--stream", "no-such-stream-" + uuid.uuid4().hex[:6], "--since", "1h")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    bad = run_cli_raw("--stream", "x", "--since", "yesterday-ish")
+    assert bad.returncode != 0 and "not a time" in bad.stderr
+
+
+def run_cli_raw(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_USAGE_STREAM_URL"] = STREAM_URL
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "usage", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_time_parsing_and_percentiles() -> None:
+    now = 1_800_000_000.0
+    assert parse_time("1h", now) == now - 3600
+    assert parse_time("30m", now) == now - 1800
+    assert parse_time("7d", now) == now - 7 * 86400
+    assert parse_time("2026-11-01", now) == 1_793_491_200.0  # midnight UTC
+    assert parse_time("2026-11-01T01:00+01:00", now) == 1_793_491_200.0
+    assert parse_time("1793491200.5", now) == 1_793_491_200.5
+    with pytest.raises(ValueError):
+        parse_time("soon")
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    records = [
+        UsageRecord(
+            request_id=str(i), token="t", model="m", priority=1, endpoint="completions", stream=True,
+            outcome=outcome, status=200, prompt_tokens=2, completion_tokens=3, ttft=0.1 * (i + 1),
+        )
+        for i, outcome in enumerate(["ok", "ok", "error", "cancelled"])
+    ]  # fmt: skip
+    (row,) = summarize(records)
+    assert row == {
+        "token": "t", "model": "m", "requests": 4, "ok": 2, "errors": 1, "cancelled": 1,
+        "prompt_tokens": 8, "completion_tokens": 12, "ttft_p50": 0.2, "ttft_p95": 0.4,
+    }  # fmt: skip
+    address = StreamAddress.parse("rabbitmq-stream://u%40x:p%2Fw@broker:5553/%2Fprod")
+    assert (address.host, address.port, address.username, address.password, address.vhost) == (
+        "broker", 5553, "u@x", "p/w", "/prod",
+    )  # fmt: skip

@@ -1,0 +1,120 @@
+"""What the worker records about each request: token timings, metrics, and the usage ledger record."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from dispatcher.metrics import worker_metrics
+from dispatcher.usage import UsageRecord
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from worker.job import Job, Usage
+    from worker.main import Worker
+    from worker.usage import UsageLedger
+
+_ROLE = b'"delta":{"role":'  # vLLM's first chat chunk: sent with the first token, carries none
+_USAGE_ONLY = b'"choices":[]'
+_DONE = b"data: [DONE]"
+
+
+class TokenClock:
+    """Time to first token and inter-token latency of one streamed answer, event by event.
+
+    The first event of any kind is the first token (vLLM sends its role chunk with it); gaps are
+    measured between events that carry tokens (not the role chunk, the usage chunk or [DONE]).
+    """
+
+    __slots__ = ("_itl", "first_at", "last_token_at")
+
+    def __init__(self, itl: Histogram) -> None:
+        self._itl = itl
+        self.first_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def event(self, event: bytes) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        if _DONE in event or _USAGE_ONLY in event or _ROLE in event:
+            return
+        if self.last_token_at is not None:
+            self._itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+
+
+class WorkerAccounting:
+    def __init__(self, model: str, worker_id: str, ledger: UsageLedger | None) -> None:
+        self.model = model
+        self.worker_id = worker_id
+        self.ledger = ledger
+        self.metrics = worker_metrics()
+        self._itl = self.metrics.inter_token_latency.labels(model)
+
+    def clock(self) -> TokenClock:
+        return TokenClock(self._itl)
+
+    def finish(
+        self,
+        job: Job,
+        *,
+        outcome: str,
+        status: int,
+        usage: Usage | None,
+        stream: bool,
+        clock: TokenClock | None = None,
+        started_at: float | None = None,
+    ) -> UsageRecord:
+        """Count a request that ended here (ok, error or cancelled) and append its ledger record.
+
+        ``started_at`` is when vLLM was called (monotonic; None: it never was).
+        """
+        now = time.monotonic()
+        # Publish time comes from the gateway's wall clock; the rest is measured on this one.
+        queue_wait = (
+            None if job.enqueued_at is None else max(0.0, time.time() - job.enqueued_at - (now - job.received_at))
+        )
+        offset = (queue_wait or 0.0) - job.received_at  # monotonic -> seconds since publish
+        first_at = None if clock is None else clock.first_at
+        metrics = self.metrics
+        metrics.requests.labels(self.model, job.token_name, outcome).inc()
+        if usage is not None:
+            metrics.prompt_tokens.labels(self.model, job.token_name).inc(usage.prompt_tokens)
+            metrics.completion_tokens.labels(self.model, job.token_name).inc(usage.completion_tokens)
+        if first_at is not None and started_at is not None:
+            metrics.time_to_first_token.labels(self.model, str(job.priority)).observe(first_at - started_at)
+        record = UsageRecord(
+            request_id=job.request_id,
+            token=job.token_name,
+            model=self.model,
+            priority=job.priority,
+            endpoint=job.endpoint,
+            stream=stream,
+            outcome=outcome,
+            status=status,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            usage_reported=usage is not None,
+            queue_wait=None if queue_wait is None else round(queue_wait, 6),
+            ttft=None if first_at is None else round(first_at + offset, 6),
+            duration=round(now + offset, 6),
+            worker=self.worker_id,
+            time=time.time(),
+        )
+        if self.ledger is not None:
+            self.ledger.record(record)
+        return record
+
+    def bind(self, worker: Worker) -> None:
+        """Gauges read from the worker's state at scrape time."""
+        metrics, model = self.metrics, self.model
+        metrics.in_flight.labels(model).set_function(lambda: len(worker.jobs))
+        metrics.free_slots.labels(model).set_function(lambda: worker.free_slots)
+        for gauge, key in (
+            (metrics.vllm_running, "vllm:num_requests_running"),
+            (metrics.vllm_waiting, "vllm:num_requests_waiting"),
+            (metrics.vllm_kv_cache, "vllm:kv_cache_usage_perc"),
+        ):
+            gauge.labels(model).set_function(lambda key=key: (worker.vllm_load or {}).get(key, 0.0))
