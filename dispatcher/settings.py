@@ -71,6 +71,8 @@ class GatewaySettings(CommonSettings):
     keepalive_interval: float = field(default_factory=lambda: _env_float("KEEPALIVE_INTERVAL", 10.0))
     # Seconds a SIGTERM'd gateway keeps serving its open streams.
     shutdown_grace: float = field(default_factory=lambda: _env_float("SHUTDOWN_GRACE", 30.0))
+    # Seconds a SIGTERM'd gateway keeps accepting while /ready says 503, so load balancers stop routing.
+    drain_delay: float = field(default_factory=lambda: _env_float("DRAIN_DELAY", 5.0))
     # Seconds a gateway trusts a token it looked up (changes also arrive at once through Redis).
     token_cache_ttl: float = field(default_factory=lambda: _env_float("TOKEN_CACHE_TTL", 5.0))
     # Length of the rate-limit window in seconds: a token's rpm/tpm are counted per window
