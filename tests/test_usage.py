@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ from dispatcher.usage import (
     read_usage,
     summarize,
 )
-from tests.stack import Stack, run_sync
+from tests.stack import Stack, free_port, run_sync
+from worker.usage import UsageLedger
 
 STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 
@@ -251,3 +253,41 @@ def test_time_parsing_and_percentiles() -> None:
     assert (address.host, address.port, address.username, address.password, address.vhost) == (
         "broker", 5553, "u@x", "p/w", "/prod",
     )  # fmt: skip
+
+
+def stream_arguments(name: str) -> str:
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is not installed here")
+    listing = subprocess.run(
+        [rabbitmqctl, "list_queues", "-q", "name", "type", "arguments"], capture_output=True, text=True, timeout=30
+    )
+    return next(line for line in listing.stdout.splitlines() if line.startswith(name + "\t"))
+
+
+async def test_ledger_creates_the_stream_with_the_retention_asked_and_survives_an_outage() -> None:
+    name = "test-usage-" + uuid.uuid4().hex[:10]
+    ledger = UsageLedger(STREAM_URL, name, max_age="7D", max_bytes=50_000_000, flush_interval=0.05)
+    since = time.time()
+    record = UsageRecord(
+        request_id="req-direct", token="direct", model="m", priority=1, endpoint="completions", stream=False,
+        outcome="ok", status=200, prompt_tokens=4, completion_tokens=2, usage_reported=True, time=time.time(),
+    )  # fmt: skip
+    try:
+        await ledger.start()
+        ledger.record(record)
+        await ledger.close()
+        line = await asyncio.to_thread(stream_arguments, name)
+        assert "stream" in line and '"x-max-age","7D"' in line and '"x-max-length-bytes",50000000' in line
+        assert await read_usage(STREAM_URL, name, since) == [record]
+    finally:
+        await delete_stream(name)
+    # Nobody listens on this port: recording never raises or blocks, and close() gives up in time.
+    dead = UsageLedger(f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/", name, max_age="1h", max_bytes=1000)
+    await dead.start()
+    started = time.monotonic()
+    for _ in range(1000):
+        dead.record(record)
+    assert time.monotonic() - started < 1.0
+    await dead.close(timeout=1.0)
+    assert not dead._buffer  # counted as dropped
