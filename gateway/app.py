@@ -25,6 +25,7 @@ from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
 from gateway.limits import RateLimiter
+from gateway.openapi import operation_with_body
 from gateway.relay import SSE_HEADERS, Exchange, race_disconnect
 from gateway.requests import parse_head
 
@@ -133,17 +134,17 @@ async def _whole(request: Request, exchange: Exchange, headers: dict[str, str]) 
     return Response(body, status_code=status, media_type=content_type, headers=headers)
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, operation_class=operation_with_body("chat/completions"))
 async def chat_completions(request: Request, state: State) -> Response:
     return await dispatch(request, state, "chat/completions")
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, operation_class=operation_with_body("completions"))
 async def completions(request: Request, state: State) -> Response:
     return await dispatch(request, state, "completions")
 
 
-@post("/v1/embeddings", status_code=200)
+@post("/v1/embeddings", status_code=200, operation_class=operation_with_body("embeddings"))
 async def embeddings(request: Request, state: State) -> Response:
     return await dispatch(request, state, "embeddings")
 

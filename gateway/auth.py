@@ -60,7 +60,7 @@ class TokenAuthenticator:
         stale = cached[1] if cached is not None else None
         try:
             info = await self._lookup_shared(token_hash)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:  # OSError: the driver could not even connect
             if stale is not None:  # the database is down: a token we knew keeps working
                 log.warning("token database unavailable, serving a cached token: %s", type(exc).__name__)
                 self._local[token_hash] = (now + self.local_ttl, stale)

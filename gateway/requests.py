@@ -31,6 +31,10 @@ def parse_head(endpoint: str, body: bytes) -> RequestHead:
         raise APIError(400, f"Invalid request: {exc}", param=param) from None
     except msgspec.DecodeError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}") from None
+    except UnicodeDecodeError:  # msgspec lets invalid UTF-8 inside strings through as this
+        raise APIError(400, "The JSON body of your request is not valid UTF-8.") from None
+    except RecursionError:
+        raise APIError(400, "The JSON body of your request is nested too deeply.") from None
     if not head.model:
         raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
     required = REQUIRED[endpoint]
