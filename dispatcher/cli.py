@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
     p.set_defaults(func=cmd_usage, format="table")
 
+    p = sub.add_parser("bench", help="benchmark: streaming load direct to the simulator and through the stack")
+    p.set_defaults(func=cmd_bench, bench_args=[])
+
     p = sub.add_parser("up", help="run the whole stack locally: simulator, gateway and a worker")
     p.add_argument("--model", default="demo-model")
     p.add_argument("--host", default="127.0.0.1")
@@ -351,7 +354,17 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, help="requests in flight at once")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from loadtest.bench import main as bench
+
+    bench(args.bench_args)
+
+
 def main(argv: list[str] | None = None, extra: dict[str, Callable[..., None]] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser takes every flag (see `dispatcher bench --help`)
+        cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+        return
     args = build_parser().parse_args(argv)
     args.func(args)
 

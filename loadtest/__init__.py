@@ -1,0 +1,1 @@
+"""Load-test kit: a locustfile for any deployment, and ``loadtest.bench``, the performance report."""
