@@ -61,7 +61,7 @@ class Worker:
             raise ValueError("the worker needs a model name (--model or DISPATCHER_MODEL)")
         self.settings = settings
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.vllm = VLLMClient(settings.vllm_url, settings.vllm_api_key)
+        self.vllm = VLLMClient(settings.vllm_url, settings.vllm_api_key, concurrency=settings.max_concurrency)
         self.jobs: dict[str, Job] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when to forget it
         self.vllm_healthy = False

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import httpx2  # the openai SDK's own httpx
 import openai
 from openai._response import AsyncAPIResponse  # the type that with_streaming_response yields
 
@@ -14,15 +15,21 @@ _GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$", r
 
 
 class VLLMClient:
-    def __init__(self, base_url: str, api_key: str = "EMPTY", *, request_timeout: float = 3600.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str = "EMPTY", *, request_timeout: float = 3600.0, concurrency: int = 100
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         # vLLM serves /health and /metrics beside /v1, not under it.
         self.root_url = self.base_url.removesuffix("/v1")
+        # One kept-alive connection per concurrent request: the SDK's default pool keeps 100 and caps at
+        # 1,000, so beyond 100 streams every request paid a new TCP connection (CPU on both sides).
+        limits = httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency)
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key or "EMPTY",
             max_retries=0,
             timeout=openai.Timeout(request_timeout, connect=5.0),
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits),
         )
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
 
