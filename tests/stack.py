@@ -109,6 +109,7 @@ class Stack:
             DISPATCHER_REDIS_URL=self.redis_url,
             DISPATCHER_DATABASE_URL=self.database_url or "",
             DISPATCHER_LOG_LEVEL="info",
+            DISPATCHER_DRAIN_DELAY="0",  # a SIGTERM'd test gateway stops at once (tests that drain set it)
         )
         env.update(self.env)
         env.update(extra or {})
