@@ -125,6 +125,7 @@ def test_schemathesis_finds_no_server_error(stack: Stack) -> None:
         "--header", f"Authorization: Bearer {stack.token}",  # type: ignore[attr-defined]
         "--request-timeout", "20",
         "--generation-deterministic",
+        "--generation-database", "none",
         "--no-color",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
