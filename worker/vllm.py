@@ -11,6 +11,8 @@ import httpx2  # the openai SDK's own httpx
 import openai
 from openai._response import AsyncAPIResponse  # the type that with_streaming_response yields
 
+from worker.netstream import http_client
+
 _GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
 
 
@@ -29,7 +31,7 @@ class VLLMClient:
             api_key=api_key or "EMPTY",
             max_retries=0,
             timeout=openai.Timeout(request_timeout, connect=5.0),
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+            http_client=http_client(self.base_url, limits),
         )
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
 
