@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +14,8 @@ import openai
 from openai._response import AsyncAPIResponse  # the type that with_streaming_response yields
 
 from worker.netstream import http_client
+
+POOL_SIZE = 64  # connections per HTTP client (see VLLMClient.__init__)
 
 _GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
 
@@ -25,18 +29,28 @@ class VLLMClient:
         self.root_url = self.base_url.removesuffix("/v1")
         # One kept-alive connection per concurrent request: the SDK's default pool keeps 100 and caps at
         # 1,000, so beyond 100 streams every request paid a new TCP connection (CPU on both sides).
-        limits = httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency)
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key or "EMPTY",
-            max_retries=0,
-            timeout=openai.Timeout(request_timeout, connect=5.0),
-            http_client=http_client(self.base_url, limits),
-        )
+        # The pool scans all its connections whenever a request starts or ends, so connections are
+        # spread over several clients (used in turn) of at most POOL_SIZE each.
+        shards = max(1, math.ceil(concurrency / POOL_SIZE))
+        keep = math.ceil(concurrency / shards)
+        limits = httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=keep + 8)
+        self.clients = [
+            openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=api_key or "EMPTY",
+                max_retries=0,
+                timeout=openai.Timeout(request_timeout, connect=5.0),
+                http_client=http_client(self.base_url, limits),
+            )
+            for _ in range(shards)
+        ]
+        self.client = self.clients[0]
+        self._turns = itertools.cycle(self.clients)
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()
         await self._probe.aclose()
 
     def open(self, endpoint: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -47,20 +61,21 @@ class VLLMClient:
         connection, which makes vLLM abort the request.
         """
         body = dict(body)
+        client = next(self._turns)
         kwargs: dict[str, Any] = {"model": body.pop("model")}
         if "stream" in body:
             kwargs["stream"] = body.pop("stream")
         if endpoint == "chat/completions":
             kwargs["messages"] = body.pop("messages")
-            create = self.client.chat.completions.with_streaming_response.create
+            create = client.chat.completions.with_streaming_response.create
         elif endpoint == "completions":
             kwargs["prompt"] = body.pop("prompt")
-            create = self.client.completions.with_streaming_response.create
+            create = client.completions.with_streaming_response.create
         elif endpoint == "embeddings":
             kwargs["input"] = body.pop("input")
             # The SDK would default to base64 and change what the client gets: keep vLLM's default.
             kwargs["encoding_format"] = body.pop("encoding_format", "float")
-            create = self.client.embeddings.with_streaming_response.create
+            create = client.embeddings.with_streaming_response.create
         else:
             raise ValueError(f"unknown endpoint {endpoint!r}")
         return create(**kwargs, extra_body=body, extra_headers=headers)
