@@ -40,7 +40,7 @@ log = logging.getLogger("dispatcher.gateway.broker")
 class PendingRequest:
     """The inbox of one request in flight: frames arrive here from the reply consumer."""
 
-    __slots__ = ("_frames", "_wakeup", "accepted_at", "model", "output_started", "owner", "request_id")
+    __slots__ = ("_frames", "_waiter", "accepted_at", "model", "output_started", "owner", "request_id")
 
     def __init__(self, request_id: str, model: str) -> None:
         self.request_id = request_id
@@ -49,7 +49,7 @@ class PendingRequest:
         self.output_started = False
         self.accepted_at: float | None = None
         self._frames: deque[Frame] = deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # set while the relay waits for frames
 
     def feed(self, frame: Frame) -> bool:
         """Take one frame; returns False when it comes from a worker that must be told to stop."""
@@ -68,21 +68,34 @@ class PendingRequest:
             # died while vLLM still queued the request) is served from the start, cleanly.
             self.output_started = True
         self._frames.append(frame)
-        self._wakeup.set()
+        self._wake()
         return True
 
     def fail(self, status: int, message: str) -> None:
         self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next_frames(self, timeout: float | None) -> list[Frame]:
         """Every frame that has arrived, waiting up to ``timeout`` for one ([] on timeout)."""
         if not self._frames:
-            self._wakeup.clear()
+            # A bare future and timer: asyncio.wait_for would wrap every wait in a new task, and this
+            # runs once per batch of frames per stream.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, self._wake)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                return []
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self._frames:
+                return []  # timed out
         frames = list(self._frames)
         self._frames.clear()
         return frames
