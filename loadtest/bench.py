@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.load import raise_fd_limit
 from loadtest.services import Sampler, Services
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -133,6 +135,8 @@ def environment(args: argparse.Namespace, services: Services) -> dict[str, Any]:
         "worker_concurrency": args.max_num_seqs,
         "redis": bool(services.redis_url),
         "git": _git_head(),
+        # Other work on the machine skews latency tails: say how busy it was.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -179,14 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import os
-
     args = build_parser().parse_args(argv)
     amqp_url = args.amqp_url or os.environ.get("DISPATCHER_AMQP_URL") or DEFAULT_AMQP
     redis_url = args.redis_url or os.environ.get("DISPATCHER_REDIS_URL") or DEFAULT_REDIS
     if not _redis_reachable(redis_url):
         redis_url = ""
     cases = plan(args)
+    # The gateway, worker and simulator inherit it: each holds a socket per stream.
+    raise_fd_limit(max(case.concurrency for case in cases) * 2 + 256)
     with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
@@ -196,8 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 max_num_seqs=args.max_num_seqs, decode_ms=args.decode_ms, worker_concurrency=args.max_num_seqs
             )
             print(f"simulator (decode {args.decode_ms} ms/step), gateway and worker are up; {len(cases)} runs:")
-            results = [run_case(services, case) for case in cases]
             env = environment(args, services)
+            results = [run_case(services, case) for case in cases]
         finally:
             services.close()
     if args.json:

@@ -167,8 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft open-files limit towards the hard one: 1,000 streams need more than the usual 1,024."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    raise_fd_limit(args.concurrency + 256)
     config = LoadConfig(**{k: v for k, v in vars(args).items()})
     try:
         import uvloop
