@@ -155,7 +155,8 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         "",
         f"- Machine: {env['cpu']}, **{env['cores']} cores**, {env['memory_gb']} GB RAM, Python {env['python']}. "
         "The simulator, RabbitMQ, Redis, the gateway, the worker and the load client all share these cores: "
-        "that is the honest test, every hop costs CPU that the others then lack.",
+        "that is the honest test, every hop costs CPU that the others then lack. "
+        f"Load average when the run started: {', '.join(map(str, env.get('load_average', [])))}.",
         f"- Inference server: the vLLM simulator (`dispatcher simulate`), continuous batching with a decode step "
         f"of {env['decode_ms']:g} ms + 0.25 ms per running sequence (+ 5 ms when sequences are admitted), "
         f"`--max-num-seqs {env['max_num_seqs']}`. Its token rate is set by simulated time, not by CPU: direct "
