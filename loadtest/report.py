@@ -45,6 +45,8 @@ def _row(result: Result, ratio: float | None) -> str:
         _f(worker.get("cpu_s"), 2) if stack else "-",
         _f(worker.get("peak_rss_mb"), 0) if stack else "-",
         _f(usage.get("simulator", {}).get("cpu_s"), 2),
+        _f(usage.get("rabbitmq", {}).get("cpu_s"), 2) if stack else "-",
+        _f(result.get("client_cpu_s"), 2),
         str(result["errors"]),
         "" if ratio is None else f"{ratio:.2f}x",
     ]
@@ -53,8 +55,8 @@ def _row(result: Result, ratio: float | None) -> str:
 
 HEADER = (
     "| streams | path | tokens/s | requests/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms "
-    "| gateway CPU s | gateway peak RSS MB | worker CPU s | worker peak RSS MB | simulator CPU s | errors "
-    "| tokens/s vs direct |\n" + "|---" * 15 + "|"
+    "| gateway CPU s | gateway peak RSS MB | worker CPU s | worker peak RSS MB | simulator CPU s | RabbitMQ CPU s "
+    "| load client CPU s | errors | tokens/s vs direct |\n" + "|---" * 17 + "|"
 )
 
 
@@ -172,7 +174,8 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         "TTFT is the time from sending the request to the first content token; inter-token latency is every gap "
         "between consecutive tokens of a stream as the client reads them; tokens/s counts tokens received in the "
         "measurement window (after a warm-up), across all streams.",
-        "- CPU seconds and peak RSS are measured with psutil on the processes' PIDs over each run.",
+        "- CPU seconds and peak RSS are measured with psutil on the processes' PIDs over each run (warm-up "
+        "included); RabbitMQ's are those of the whole local node (`beam.smp`), the load client's its own.",
         "",
         "## Targets",
         "",
