@@ -53,6 +53,7 @@ log = logging.getLogger("dispatcher.worker")
 
 _json = msgspec.json.Decoder(dict[str, Any])
 USAGE_ONLY = b'"choices":[]'
+CANCEL_BURST = 0.05  # seconds a request dequeued right after a cancellation waits for its own
 
 
 class Worker:
@@ -64,6 +65,7 @@ class Worker:
         self.vllm = VLLMClient(settings.vllm_url, settings.vllm_api_key, concurrency=settings.max_concurrency)
         self.jobs: dict[str, Job] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when to forget it
+        self._last_cancel_at = 0.0  # when a running request was last cancelled
         self.vllm_healthy = False
         self.vllm_load: dict[str, float] | None = None
         self.accepting = True
@@ -203,6 +205,10 @@ class Worker:
         if not self.accepting:
             await message.nack(requeue=True)
             return
+        if time.monotonic() - self._last_cancel_at < CANCEL_BURST:
+            # Clients often hang up together (a process exits): the slot this message got was freed by
+            # one cancellation while the message's own cancellation may still be on its way.
+            await asyncio.sleep(CANCEL_BURST)
         if self.cancelled.pop(job.request_id, None) is not None:
             log.info("skipping a request cancelled while queued", extra={"request_id": job.request_id})
             await message.ack()
@@ -390,6 +396,7 @@ class Worker:
                 return
             job = self.jobs.get(control.request_id)
             if job is not None and job.task is not None:
+                self._last_cancel_at = time.monotonic()
                 job.task.cancel()
             elif not control.worker:
                 self.cancelled[control.request_id] = time.monotonic() + self.settings.queue_timeout + 60
