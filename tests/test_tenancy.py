@@ -204,10 +204,12 @@ async def test_requests_in_flight_freed_on_every_ending(tenancy: Stack) -> None:
         body = chat(tenancy.model, "conc-long", max_tokens=2000, stream=True)
         async with http.stream("POST", one + "/v1/chat/completions", json=body, headers=bearer(token)) as held:
             assert held.status_code == 200
-            await anext(held.aiter_bytes())  # streaming: it is in flight
+            # Keep the iterator: a dropped one is finalised, which closes the connection.
+            chunks = held.aiter_bytes()
+            await anext(chunks)  # streaming: it is in flight
             refused = await http.post(two + "/v1/chat/completions", json=chat(tenancy.model, "conc-2"),
                                       headers=bearer(token))  # fmt: skip
-            assert refused.status_code == 429
+            assert refused.status_code == 429, (refused.headers, refused.text)
             assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
             assert int(refused.headers["retry-after"]) >= 1
         # The client hung up mid-stream: its slot comes back.
