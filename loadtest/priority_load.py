@@ -90,8 +90,24 @@ async def capacity(http: httpx.AsyncClient, url: str, token: str, payload: dict[
     return done / (stop - measure_from)
 
 
+def vary_length(payload: dict[str, object], spread: float) -> dict[str, object]:
+    """Answers of varied length, as real ones are: uniform within +-spread of max_tokens (same mean).
+
+    With identical lengths, requests that start together end together, so slots free up in waves
+    and a high-priority request waits for the next wave: a lock-step no real workload has.
+    """
+    mean = int(payload["max_tokens"])  # type: ignore[call-overload]
+    low, high = max(1, round(mean * (1 - spread))), max(1, round(mean * (1 + spread)))
+    return {**payload, "max_tokens": random.randint(low, high)}
+
+
 async def offered_load(
-    http: httpx.AsyncClient, url: str, payload: dict[str, object], classes: list[tuple[Klass, float]], duration: float
+    http: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, object],
+    classes: list[tuple[Klass, float]],
+    duration: float,
+    spread: float,
 ) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
@@ -107,7 +123,7 @@ async def offered_load(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             sample = Sample(time.monotonic())
             klass.samples.append(sample)
-            task = asyncio.create_task(streamed(http, url, klass.token, payload, sample))
+            task = asyncio.create_task(streamed(http, url, klass.token, vary_length(payload, spread), sample))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -150,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
                 offered = args.load * served_per_s
                 rates = [(high, offered * args.high_share), (low, offered * (1 - args.high_share))]
                 started = time.monotonic()
-                await offered_load(http, url, payload, rates, args.duration)
+                await offered_load(http, url, payload, rates, args.duration, args.length_spread)
                 end = time.monotonic()
         finally:
             stack.close()
@@ -175,7 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the simulator's batch size (capacity)")
     parser.add_argument("--decode-ms", type=float, default=25.0, help="the simulator's decode step")
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=12, help="mean answer length under load")
+    parser.add_argument("--length-spread", type=float, default=0.9,
+                        help="answer lengths vary uniformly within +-this fraction of --max-tokens")  # fmt: skip
     parser.add_argument("--load", type=float, default=3.0, help="offered load, in multiples of the capacity")
     parser.add_argument("--high-share", type=float, default=1 / 6, help="share of the offered load that is high")
     parser.add_argument("--high-priority", type=int, default=9)
