@@ -23,11 +23,17 @@ MAX_PRIORITY = 10
 H_ENDPOINT = "x-endpoint"  # "chat/completions" | "completions" | "embeddings"
 H_TOKEN = "x-token-name"
 H_PRIORITY = "x-priority"  # the effective token priority (0..MAX_PRIORITY, higher = first)
-H_DEADLINE = "x-deadline"  # unix time (float seconds) after which the request must not be served
+H_DEADLINE = "x-deadline"  # unix time (integer ms) after which the request must not be served
 H_TRACEPARENT = "traceparent"
-H_ENQUEUED_AT = "x-enqueued-at"  # unix time (float seconds) the gateway published it: queue wait, TTFT
+H_ENQUEUED_AT = "x-enqueued-at"  # unix time (integer ms) the gateway published it: queue wait, TTFT
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
+
+
+def unix_ms(seconds: float) -> int:
+    """Times travel as integer milliseconds: pamqp encodes a Python float as a 32-bit float, which
+    rounds a unix time by up to a minute."""
+    return round(seconds * 1000)
 
 
 def queue_name(model: str) -> str:

@@ -20,7 +20,7 @@ from dispatcher.errors import APIError, error_body
 from dispatcher.metrics import gateway_metrics
 from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
-from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT
+from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT, unix_ms
 from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
@@ -55,8 +55,8 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
         H_ENDPOINT: endpoint,
         H_TOKEN: token.name,
         H_PRIORITY: priority,
-        H_DEADLINE: time.time() + settings.queue_timeout,
-        H_ENQUEUED_AT: time.time(),
+        H_DEADLINE: unix_ms(time.time() + settings.queue_timeout),
+        H_ENQUEUED_AT: unix_ms(time.time()),
     }
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent

@@ -41,9 +41,9 @@ class Job:
             endpoint=str(headers.get(H_ENDPOINT, "chat/completions")),
             token_name=str(headers.get(H_TOKEN, "")),
             priority=int(headers.get(H_PRIORITY, 0)),  # type: ignore[arg-type]
-            deadline=float(headers.get(H_DEADLINE, 0) or 0),  # type: ignore[arg-type]
+            deadline=int(headers.get(H_DEADLINE, 0) or 0) / 1000,  # type: ignore[call-overload]
             traceparent=str(traceparent) if traceparent else None,
-            enqueued_at=float(enqueued_at) if enqueued_at else None,  # type: ignore[arg-type]
+            enqueued_at=int(enqueued_at) / 1000 if enqueued_at else None,  # type: ignore[call-overload]
         )
 
     def expired(self) -> bool:

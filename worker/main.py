@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 import aio_pika
-import httpx
+import httpx2
 import msgspec
 import openai
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
@@ -284,7 +284,7 @@ class Worker:
         except openai.APITimeoutError:
             outcome = "error"
             self._send(job, Kind.ERROR, error_body(504, "The inference server timed out."), 504)
-        except (openai.APIConnectionError, httpx.TransportError):  # refused, or dropped mid-answer
+        except (openai.APIConnectionError, httpx2.TransportError):  # refused, or dropped mid-answer
             outcome = "error"
             self._send(job, Kind.ERROR, error_body(502, "The inference server is unreachable."), 502)
         except msgspec.DecodeError:

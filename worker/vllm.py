@@ -8,7 +8,6 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import httpx2  # the openai SDK's own httpx
 import openai
 from openai._response import AsyncAPIResponse  # the type that with_streaming_response yields
@@ -46,7 +45,7 @@ class VLLMClient:
         ]
         self.client = self.clients[0]
         self._turns = itertools.cycle(self.clients)
-        self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        self._probe = httpx2.AsyncClient(timeout=httpx2.Timeout(2.0))
 
     async def close(self) -> None:
         for client in self.clients:
@@ -83,7 +82,7 @@ class VLLMClient:
     async def healthy(self) -> bool:
         try:
             response = await self._probe.get(self.root_url + "/health")
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             return False
         return response.status_code == 200
 
@@ -91,7 +90,7 @@ class VLLMClient:
         """vLLM's scheduler gauges from /metrics, or None when it has no such endpoint."""
         try:
             response = await self._probe.get(self.root_url + "/metrics")
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             return None
         if response.status_code != 200:
             return None
