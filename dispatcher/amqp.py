@@ -132,3 +132,15 @@ class BrokerLink:
 def _setter(event: asyncio.Event) -> Callable[..., None]:
     return lambda *_: event.set()
 
+
+async def delete_model_queue(url: str, model: str) -> None:
+    """Remove a model's queue (tests and benchmarks clean up after themselves); no broker, no-op."""
+    from dispatcher.wire import queue_name
+
+    try:
+        connection = await aio_pika.connect(url)
+    except Exception:
+        return
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue_name(model))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from dispatcher.wire import queue_name
+from dispatcher.amqp import delete_model_queue
 
 
 def free_port() -> int:
@@ -192,16 +192,4 @@ class Services:
             except subprocess.TimeoutExpired:
                 process.kill()
         if "worker" in self.processes:
-            asyncio.run(_delete_queue(self.amqp_url, queue_name(self.model)))
-
-
-async def _delete_queue(amqp_url: str, name: str) -> None:
-    import aio_pika
-
-    try:
-        connection = await aio_pika.connect(amqp_url)
-    except Exception:
-        return
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(name)
+            asyncio.run(delete_model_queue(self.amqp_url, self.model))

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aio_pika
-
+from dispatcher.amqp import delete_model_queue
 from dispatcher.tokens import TokenStore
-from dispatcher.wire import queue_name
 
 T = TypeVar("T")
 
@@ -183,20 +181,10 @@ class Stack:
         for process in reversed(self.processes):
             process.stop(signal.SIGTERM, timeout=5)
         if any(process.name == "worker" for process in self.processes):
-            run_sync(lambda: delete_queue(self.amqp_url, queue_name(self.model)))
+            run_sync(lambda: delete_model_queue(self.amqp_url, self.model))
 
 
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from sync code, even inside a running event loop (tests)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
-
-
-async def delete_queue(amqp_url: str, name: str) -> None:
-    try:
-        connection = await aio_pika.connect(amqp_url)
-    except Exception:
-        return
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(name)

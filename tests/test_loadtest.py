@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.amqp import delete_model_queue
 from dispatcher.tokens import TokenStore
-from dispatcher.wire import queue_name
-from tests.stack import AMQP_URL, REDIS_URL, delete_queue, free_port, run_sync
+from tests.stack import AMQP_URL, REDIS_URL, free_port, run_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = re.compile(r"Bearer (\S+?)'")
@@ -60,7 +60,7 @@ def dispatcher_up(tmp_path: Path) -> Iterator[Up]:
             up.wait(20)
         except subprocess.TimeoutExpired:
             up.kill()
-        run_sync(lambda: delete_queue(AMQP_URL, queue_name(model)))
+        run_sync(lambda: delete_model_queue(AMQP_URL, model))
 
 
 def add_token(database_url: str, name: str, priority: int) -> str:
