@@ -79,10 +79,9 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
         idle_timeout=settings.idle_timeout,
         keepalive_interval=settings.keepalive_interval,
         on_accepted=admission.accepted,
-        on_close=lambda outcome: admission.finish(outcome.prompt_tokens, outcome.completion_tokens),
+        on_close=[admission.release, record.finished],
     )
     record.published()
-    exchange.on_end = record.finished
     response_headers = {"x-request-id": request_id, **admission.headers}
     if head.stream and endpoint != "embeddings":
         return await _streamed(request, exchange, response_headers)

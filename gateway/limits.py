@@ -22,13 +22,16 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
+
+if TYPE_CHECKING:
+    from gateway.relay import Exchange
 
 log = logging.getLogger("dispatcher.gateway.limits")
 
@@ -223,6 +226,10 @@ class Admission:
             return
         self._accepted = True
         self._limiter.background(self._limiter.counters.accepted(self.name, self.request_id))
+
+    def release(self, exchange: Exchange) -> None:
+        """The close hook of the request's Exchange: charge what vLLM reported it used."""
+        self.finish(exchange.outcome.prompt_tokens, exchange.outcome.completion_tokens)
 
     def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """The request ended (any way at all): free its slot and charge the tokens it used."""

@@ -44,11 +44,10 @@ class Exchange:
     keepalive_interval: float
     started_at: float = field(default_factory=time.monotonic)
     outcome: Outcome = field(default_factory=Outcome)
-    # Hooks for per-token limits: a worker took the request; the request ended (called once).
+    # Hooks: a worker took the request (per-token limits); the request ended, however (limits,
+    # metrics and the request's log line), each called once.
     on_accepted: Callable[[], None] | None = None
-    on_close: Callable[[Outcome], None] | None = None
-    # Metrics and the request's log line (gateway/accounting.py), called once when it ends.
-    on_end: Callable[[Exchange], None] | None = None
+    on_close: list[Callable[[Exchange], None]] = field(default_factory=list)
     _last_frame_at: float = field(default_factory=time.monotonic)
 
     async def next_frames(self, timeout: float) -> list[Frame]:
@@ -156,12 +155,9 @@ class Exchange:
     def close(self) -> None:
         """Forget the request; cancels it on the worker if it did not complete."""
         self.broker.finish(self.pending.request_id, cancel=not self.outcome.completed)
-        if self.on_close is not None:
-            on_close, self.on_close = self.on_close, None
-            on_close(self.outcome)
-        if self.on_end is not None:
-            on_end, self.on_end = self.on_end, None
-            on_end(self)
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            hook(self)
 
 
 async def wait_for_disconnect(receive: object) -> None:
