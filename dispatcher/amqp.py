@@ -134,7 +134,7 @@ def _setter(event: asyncio.Event) -> Callable[..., None]:
 
 
 async def delete_model_queue(url: str, model: str) -> None:
-    """Remove a model's queue (tests and benchmarks clean up after themselves); no broker, no-op."""
+    """Remove a model's queues (tests and benchmarks clean up after themselves); no broker, no-op."""
     from dispatcher.wire import queue_name
 
     try:
@@ -143,4 +143,5 @@ async def delete_model_queue(url: str, model: str) -> None:
         return
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(queue_name(model))
+        for express in (False, True):
+            await channel.queue_delete(queue_name(model, express=express))

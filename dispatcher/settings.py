@@ -49,6 +49,9 @@ class CommonSettings:
     # Messages per model queue before publishing is refused with 429 (a queue argument: gateways
     # and workers must agree on it).
     max_queue_length: int = field(default_factory=lambda: _env_int("MAX_QUEUE_LENGTH", 10_000))
+    # Priorities at or above this go to the model's express queue, whose requests may also use the
+    # worker's reserved slots (11: off; priorities are 0..10). Gateways and workers must agree.
+    express_priority: int = field(default_factory=lambda: _env_int("EXPRESS_PRIORITY", 11))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
     log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "text"))  # text | json
 
@@ -89,6 +92,8 @@ class WorkerSettings(CommonSettings):
     vllm_url: str = field(default_factory=lambda: _env("VLLM_URL", "http://127.0.0.1:8000/v1"))
     vllm_api_key: str = field(default_factory=lambda: _env("VLLM_API_KEY", "EMPTY"))
     max_concurrency: int = field(default_factory=lambda: _env_int("MAX_CONCURRENCY", 16))
+    # Slots of max_concurrency that only express requests may use (capacity low priorities can't take).
+    reserved_slots: int = field(default_factory=lambda: _env_int("RESERVED_SLOTS", 0))
     # Pass the token priority to vLLM (needs vLLM started with --scheduling-policy priority).
     vllm_priority: bool = field(default_factory=lambda: _env_bool("VLLM_PRIORITY", False))
     # Port of the worker's own /health, /ready and /metrics.

@@ -36,8 +36,9 @@ def unix_ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-def queue_name(model: str) -> str:
-    return QUEUE_PREFIX + model
+def queue_name(model: str, *, express: bool = False) -> str:
+    """A model's queue; the express one carries priorities at or above the express threshold."""
+    return QUEUE_PREFIX + model + (".express" if express else "")
 
 
 def queue_arguments(max_length: int) -> dict[str, int | str]:

@@ -195,7 +195,8 @@ class GatewayBroker:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._channel.default_exchange.publish(message, routing_key=queue_name(model), mandatory=True)
+            routing_key = queue_name(model, express=priority >= self.settings.express_priority)
+            await self._channel.default_exchange.publish(message, routing_key=routing_key, mandatory=True)
         except PublishError as exc:  # returned: no queue for this model (no worker ever started)
             self.pending.pop(request_id, None)
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from exc

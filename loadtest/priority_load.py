@@ -150,7 +150,11 @@ async def main(args: argparse.Namespace) -> None:
     from tests.stack import Stack
 
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp), env={"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_LOG_LEVEL": "warning"})
+        env = {"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_LOG_LEVEL": "warning"}
+        if args.reserved_slots:
+            env.update(DISPATCHER_EXPRESS_PRIORITY=str(args.high_priority),
+                       DISPATCHER_RESERVED_SLOTS=str(args.reserved_slots))  # fmt: skip
+        stack = Stack(Path(tmp), env=env)
         try:
             stack.start_simulator(max_num_seqs=args.max_num_seqs, decode_ms=args.decode_ms)
             stack.start_worker(args.max_num_seqs, "--vllm-priority")
@@ -197,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load", type=float, default=3.0, help="offered load, in multiples of the capacity")
     parser.add_argument("--high-share", type=float, default=1 / 6, help="share of the offered load that is high")
     parser.add_argument("--high-priority", type=int, default=9)
+    parser.add_argument("--reserved-slots", type=int, default=0,
+                        help="worker slots only the high class may use (express threshold = its priority)")  # fmt: skip
     parser.add_argument("--low-priority", type=int, default=1)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of offered load")
     parser.add_argument("--unloaded-requests", type=int, default=22)

@@ -103,13 +103,14 @@ async def test_broker_restart(broker_stack: tuple[Stack, RabbitNode]) -> None:
     assert answer is not None and answer.status_code == 200
     assert (worker.popen.pid, gateway.popen.pid) == pids and worker.alive() and gateway.alive()
     assert _status(stack.gateway_url + "/ready") == _status(worker.url + "/ready") == 200  # type: ignore[attr-defined]
-    # Nothing piled up: one connection each, one consumer on the model queue, one control queue each.
+    # Nothing piled up: one connection each, one consumer on each model queue, one control queue each.
     assert len(node.ctl("list_connections", "name")) == 2
     queues = {name: int(consumers) for name, consumers in node.ctl("list_queues", "name", "consumers")}
     assert queues.pop(queue_name(stack.model)) == 1
+    assert queues.pop(queue_name(stack.model, express=True)) == 1
     assert sorted(queues.values()) == [1, 1], queues
     # Channels: the gateway's one (its reply-to consumer is not counted by the broker, and the answer
-    # above proves it exists), the worker's queue channel and its reply channel.
+    # above proves it exists), the worker's queue channel (3 consumers) and its reply channel.
     channels = node.ctl("list_channels", "name", "consumer_count")
-    assert len(channels) == 3 and sum(int(count) for _, count in channels) == 3, channels
+    assert len(channels) == 3 and sum(int(count) for _, count in channels) == 4, channels
 

@@ -518,3 +518,34 @@ def test_tokens_cli_on_each_database(fresh_database: Stack) -> None:
     table = run_sync(stored)
     assert table["chat"] == (hash_token("sk-chat-secret-0002"), 9)  # stored hashed
     assert table["cli-app"][0] == hash_token(secret)
+
+
+async def test_reserved_slots_start_express_requests_past_a_low_backlog(make_stack: type[Stack]) -> None:
+    """With an express threshold and reserved slots, a backlog of low priorities never takes the
+    reserved capacity: a high-priority request starts at once instead of after the next low ends."""
+    stack = make_stack(env={"DISPATCHER_EXPRESS_PRIORITY": "8", "DISPATCHER_RESERVED_SLOTS": "1"})
+    stack.start_simulator(max_num_seqs=2, decode_ms=5)
+    stack.start_worker(2)
+    stack.start_gateway()
+    low, high = stack.add_token("express-low", priority=2), stack.add_token("express-high", priority=9)
+    async with httpx.AsyncClient(timeout=30) as http:
+        await http.post(stack.simulator_url + "/sim/reset")
+        url = stack.gateway_url + "/v1/chat/completions"
+        lows = [
+            asyncio.create_task(http.post(url, json=chat(stack.model, f"low-{i}", 60), headers=bearer(low)))
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.15)  # the first low runs, the others wait in the normal queue
+        urgent = await http.post(url, json=chat(stack.model, "urgent", 3), headers=bearer(high))
+        assert urgent.status_code == 200
+        assert all(answer.status_code == 200 for answer in await asyncio.gather(*lows))
+        log = await sim_log(http, stack)
+    started = [event["user"] for event in log if event["event"] == "started"]
+    assert started.index("urgent") == 1, started  # right after the first low, not after the queue
+    # Low priorities never used the reserved slot: at most one of them ran at a time.
+    running, most = 0, 0
+    for event in log:
+        if str(event["user"]).startswith("low-") and event["event"] in ("started", "finished"):
+            running += 1 if event["event"] == "started" else -1
+            most = max(most, running)
+    assert most == 1

@@ -73,8 +73,9 @@ class Worker:
             settings.amqp_url, f"dispatcher-worker-{self.id}", self._setup, self._on_connection_lost
         )
         self._consuming_lock = asyncio.Lock()
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queues: list[AbstractQueue] = []  # [normal, express]
+        self._consumer_tags: list[str | None] = [None, None]
         self._control: aio_pika.abc.AbstractExchange | None = None
         self.replies: ReplySender | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,10 +120,15 @@ class Worker:
         """Build channels, queues and consumers on a fresh broker connection (at start and after a loss)."""
         channel = await connection.channel()
         self.link.watch(channel)
-        await channel.set_qos(prefetch_count=self.settings.max_concurrency)
-        queue = await channel.declare_queue(
-            queue_name(self.settings.model), durable=True, arguments=queue_arguments(self.settings.max_queue_length)
-        )
+        # The channel as a whole never holds more than max_concurrency requests; each consumer gets
+        # its own limit in _update_consuming (normal: max_concurrency - reserved_slots).
+        await channel.set_qos(prefetch_count=self.settings.max_concurrency, global_=True)
+        arguments = queue_arguments(self.settings.max_queue_length)
+        model = self.settings.model
+        queues = [
+            await channel.declare_queue(queue_name(model, express=lane), durable=True, arguments=arguments)
+            for lane in (False, True)
+        ]
         control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
         control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await control_queue.bind(control)
@@ -133,7 +139,7 @@ class Worker:
             self.replies = ReplySender(reply_channel, self.settings.flush_interval)
         else:
             self.replies.channel = reply_channel
-        self._queue, self._control, self._consumer_tag = queue, control, None
+        self._channel, self._queues, self._control, self._consumer_tags = channel, queues, control, [None, None]
         await self._update_consuming()
         await self._announce()
 
@@ -164,8 +170,8 @@ class Worker:
     def _on_connection_lost(self) -> None:
         # The broker requeued our unacked messages and the gateways failed these requests (their
         # reply addresses died with their connections): stop the vLLM work, without acking.
-        self._queue = self._control = None
-        self._consumer_tag = None
+        self._queues, self._control = [], None
+        self._consumer_tags = [None, None]
         for job in list(self.jobs.values()):
             job.message = None  # type: ignore[assignment]
             if job.task is not None:
@@ -187,16 +193,21 @@ class Worker:
     async def _update_consuming(self) -> None:
         # Serialised: two callers both seeing "no consumer" would start two.
         async with self._consuming_lock:
-            queue = self._queue
-            if queue is None:
+            channel, queues = self._channel, self._queues
+            if channel is None or not queues:
                 return
             wanted = self._should_consume()
+            normal_limit = max(1, self.settings.max_concurrency - self.settings.reserved_slots)
             try:
-                if wanted and self._consumer_tag is None:
-                    self._consumer_tag = await queue.consume(self._on_message)
-                elif not wanted and self._consumer_tag is not None:
-                    tag, self._consumer_tag = self._consumer_tag, None
-                    await queue.cancel(tag)
+                limits = (normal_limit, self.settings.max_concurrency)
+                for lane, (queue, limit) in enumerate(zip(queues, limits, strict=True)):
+                    tag = self._consumer_tags[lane]
+                    if wanted and tag is None:
+                        await channel.set_qos(prefetch_count=limit)  # for the consumer created next
+                        self._consumer_tags[lane] = await queue.consume(self._on_message)
+                    elif not wanted and tag is not None:
+                        self._consumer_tags[lane] = None
+                        await queue.cancel(tag)
             except Exception as exc:  # broker down: the next connection starts over
                 log.warning("could not change consuming state: %s", type(exc).__name__)
 
@@ -348,17 +359,16 @@ class Worker:
             await asyncio.sleep(interval)
 
     async def _watch_queue_depth(self, interval: float = 2.0) -> None:
-        """The model queue's ready messages, for dispatcher_queue_depth (a redeclare with the same
-        arguments returns the count; unlike a passive declare it cannot close the channel)."""
+        """The model's ready messages (normal + express queue), for dispatcher_queue_depth (a redeclare
+        with the same arguments returns the count; unlike a passive declare it cannot close the channel)."""
         gauge = self.accounting.metrics.queue_depth.labels(self.settings.model)
         while True:
-            queue = self._queue
-            if queue is not None:
-                try:
-                    declared = await queue.declare(timeout=5)
-                    gauge.set(declared.message_count or 0)
-                except Exception as exc:
-                    log.debug("could not read the queue depth: %s", exc)
+            try:
+                counts = [(await queue.declare(timeout=5)).message_count or 0 for queue in self._queues]
+                if counts:
+                    gauge.set(sum(counts))
+            except Exception as exc:
+                log.debug("could not read the queue depth: %s", exc)
             await asyncio.sleep(interval)
 
     async def _announce_periodically(self, interval: float = 5.0) -> None:
