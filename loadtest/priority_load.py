@@ -26,7 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import msgspec
+
+from loadtest.load import raise_fd_limit
+from loadtest.sse_client import StreamingClient, StreamResult
 
 
 @dataclass
@@ -48,14 +51,25 @@ def body(model: str, max_tokens: int) -> dict[str, object]:
             "messages": [{"role": "user", "content": "Say something about queues."}]}  # fmt: skip
 
 
-async def streamed(http: httpx.AsyncClient, url: str, token: str, payload: dict[str, object], sample: Sample) -> None:
-    """One streamed request; TTFT is the first event that carries generated text."""
-    async with http.stream("POST", url, json=payload, headers={"Authorization": "Bearer " + token}) as answer:
-        sample.status = answer.status_code
-        async for line in answer.aiter_lines():
-            if sample.ttft is None and line.startswith("data: {") and '"content":"' in line:
-                if '"content":""' not in line:
-                    sample.ttft = time.monotonic() - sample.sent_at
+async def streamed(url: str, token: str, payload: dict[str, object], sample: Sample) -> None:
+    """One streamed request on its own connection; TTFT is the first event that carries generated text.
+
+    The cheap client of the benchmark (loadtest/sse_client.py): with thousands of streams open, httpx's
+    own CPU would delay the very events whose timing we measure.
+    """
+    client = StreamingClient(url, token)
+    result = StreamResult(time.perf_counter())
+    try:
+        await client.post(msgspec.json.encode(payload), _ignore_token, result)
+    finally:
+        client.close()
+        sample.status = result.status
+        if result.first_token_at is not None:
+            sample.ttft = result.first_token_at - result.sent_at
+
+
+def _ignore_token(at: float, gap: float) -> None:
+    pass
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,17 +77,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def unloaded(http: httpx.AsyncClient, url: str, token: str, payload: dict[str, object], n: int) -> float:
+async def unloaded(url: str, token: str, payload: dict[str, object], n: int) -> float:
     ttfts = []
     for _ in range(n):
         sample = Sample(time.monotonic())
-        await streamed(http, url, token, payload, sample)
+        await streamed(url, token, payload, sample)
         assert sample.ttft is not None, sample.status
         ttfts.append(sample.ttft)
     return statistics.median(ttfts[2:])  # the first ones warm connections and caches
 
 
-async def capacity(http: httpx.AsyncClient, url: str, token: str, payload: dict[str, object], users: int) -> float:
+async def capacity(url: str, token: str, payload: dict[str, object], users: int) -> float:
     done = 0
     stop = time.monotonic() + 6.0
     measure_from = time.monotonic() + 1.0
@@ -82,7 +96,7 @@ async def capacity(http: httpx.AsyncClient, url: str, token: str, payload: dict[
         nonlocal done
         while time.monotonic() < stop:
             sample = Sample(time.monotonic())
-            await streamed(http, url, token, payload, sample)
+            await streamed(url, token, payload, sample)
             if time.monotonic() >= measure_from:
                 done += 1
 
@@ -102,7 +116,6 @@ def vary_length(payload: dict[str, object], spread: float) -> dict[str, object]:
 
 
 async def offered_load(
-    http: httpx.AsyncClient,
     url: str,
     payload: dict[str, object],
     classes: list[tuple[Klass, float]],
@@ -123,7 +136,7 @@ async def offered_load(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             sample = Sample(time.monotonic())
             klass.samples.append(sample)
-            task = asyncio.create_task(streamed(http, url, klass.token, vary_length(payload, spread), sample))
+            task = asyncio.create_task(streamed(url, klass.token, vary_length(payload, spread), sample))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -149,6 +162,7 @@ def summary(klass: Klass, end: float) -> dict[str, object]:
 async def main(args: argparse.Namespace) -> None:
     from tests.stack import Stack
 
+    raise_fd_limit(20_000)  # every waiting request holds a connection
     with tempfile.TemporaryDirectory() as tmp:
         env = {"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_LOG_LEVEL": "warning"}
         if args.reserved_slots:
@@ -163,22 +177,24 @@ async def main(args: argparse.Namespace) -> None:
             low = Klass("low", stack.add_token("load-low", priority=args.low_priority))
             url = stack.gateway_url + "/v1/chat/completions"
             payload = body(stack.model, args.max_tokens)
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
-            async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as http:
-                reference = await unloaded(http, url, high.token, payload, args.unloaded_requests)
-                served_per_s = await capacity(http, url, high.token, payload, 2 * args.max_num_seqs)
-                offered = args.load * served_per_s
-                rates = [(high, offered * args.high_share), (low, offered * (1 - args.high_share))]
-                started = time.monotonic()
-                await offered_load(http, url, payload, rates, args.duration, args.length_spread)
-                end = time.monotonic()
+            reference = await unloaded(url, high.token, payload, args.unloaded_requests)
+            served_per_s = await capacity(url, high.token, payload, 2 * args.max_num_seqs)
+            offered = args.load * served_per_s
+            rates = [(high, offered * args.high_share), (low, offered * (1 - args.high_share))]
+            started = time.monotonic()
+            await offered_load(url, payload, rates, args.duration, args.length_spread)
+            end = time.monotonic()
         finally:
             stack.close()
     report = {
         "setup": {
-            "max_num_seqs": args.max_num_seqs, "decode_ms": args.decode_ms, "max_tokens": args.max_tokens,
-            "capacity_req_per_s": round(served_per_s, 1), "offered_req_per_s": round(offered, 1),
-            "high_req_per_s": round(rates[0][1], 1), "low_req_per_s": round(rates[1][1], 1),
+            "max_num_seqs": args.max_num_seqs,
+            "decode_ms": args.decode_ms,
+            "max_tokens": args.max_tokens,
+            "capacity_req_per_s": round(served_per_s, 1),
+            "offered_req_per_s": round(offered, 1),
+            "high_req_per_s": round(rates[0][1], 1),
+            "low_req_per_s": round(rates[1][1], 1),
             "duration_s": round(end - started, 1),
         },
         "unloaded_ttft_p50": round(reference, 4),
@@ -199,9 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length-spread", type=float, default=0.9,
                         help="answer lengths vary uniformly within +-this fraction of --max-tokens")  # fmt: skip
     parser.add_argument("--load", type=float, default=3.0, help="offered load, in multiples of the capacity")
-    parser.add_argument("--high-share", type=float, default=1 / 6, help="share of the offered load that is high")
+    parser.add_argument("--high-share", type=float, default=0.1, help="share of the offered load that is high")
     parser.add_argument("--high-priority", type=int, default=9)
-    parser.add_argument("--reserved-slots", type=int, default=0,
+    parser.add_argument("--reserved-slots", type=int, default=12,
                         help="worker slots only the high class may use (express threshold = its priority)")  # fmt: skip
     parser.add_argument("--low-priority", type=int, default=1)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of offered load")
