@@ -1187,3 +1187,23 @@ def test_docker_compose() -> None:
                 assert var in known, (name, var)
     tokens = yaml.safe_load(compose["configs"]["tokens"]["content"])["tokens"]
     assert all({"token", "priority"} <= t.keys() for t in tokens)
+
+
+def test_express_priorities_reach_gateway_workers_and_keda(helm: str) -> None:
+    values = {
+        "model": "org/express-model",
+        "config": {"expressPriority": 8},
+        "consumer": {"reservedSlots": 4},
+        "autoscaling": {"enabled": True},
+    }
+    proc = _run_helm(helm, "template", values)
+    assert proc.returncode == 0, proc.stderr
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    gateway_env = env_map(container(gateway(docs)["spec"]["template"]["spec"], "gateway"))
+    assert gateway_env["DISPATCHER_EXPRESS_PRIORITY"] == "8"
+    (deployment,) = model_deployments(docs)
+    worker = env_map(container(deployment["spec"]["template"]["spec"], "worker"))
+    assert worker["DISPATCHER_EXPRESS_PRIORITY"] == "8" and worker["DISPATCHER_RESERVED_SLOTS"] == "4"
+    (scaled,) = objects(docs, "ScaledObject")
+    queues = [trigger["metadata"]["queueName"] for trigger in scaled["spec"]["triggers"]]
+    assert queues == ["dispatcher.model.org/express-model", "dispatcher.model.org/express-model.express"]

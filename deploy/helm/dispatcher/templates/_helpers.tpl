@@ -237,6 +237,8 @@ Usage: include "dispatcher.secretValue" (dict "root" $ "secret" NAME "key" KEY "
   value: {{ .Values.config.logFormat | quote }}
 - name: DISPATCHER_QUEUE_TIMEOUT
   value: {{ .Values.config.queueTimeout | toString | quote }}
+- name: DISPATCHER_EXPRESS_PRIORITY
+  value: {{ .Values.config.expressPriority | toString | quote }}
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- vLLM and models */}}
@@ -298,6 +300,7 @@ Booleans and maps are taken whole when the model sets them (no deep merge: false
   "extraArgs" (concat (default list $is.extraArgs) (default list $m.extraArgs))
   "env" (concat (default list $is.env) (default list $m.env))
   "maxConcurrency" (ternary $m.maxConcurrency $v.consumer.maxConcurrency (hasKey $m "maxConcurrency"))
+  "reservedSlots" (ternary $m.reservedSlots $v.consumer.reservedSlots (hasKey $m "reservedSlots"))
   "priorityScheduling" (ternary $m.priorityScheduling $v.consumer.priorityScheduling (hasKey $m "priorityScheduling"))
   "nodeSelector" (ternary $m.nodeSelector $is.nodeSelector (hasKey $m "nodeSelector"))
   "tolerations" (ternary $m.tolerations $is.tolerations (hasKey $m "tolerations"))
