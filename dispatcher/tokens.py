@@ -42,6 +42,16 @@ tokens_table = sa.Table(
 )
 
 
+# The columns of a TokenInfo, in its field order.
+_INFO_COLUMNS = (
+    tokens_table.c.name,
+    tokens_table.c.priority,
+    tokens_table.c.rpm,
+    tokens_table.c.tpm,
+    tokens_table.c.max_concurrent,
+)
+
+
 class TokenInfo(msgspec.Struct, frozen=True):
     """What the gateway needs to know about a valid token (never the secret itself)."""
 
@@ -99,13 +109,9 @@ class TokenStore:
 
     async def lookup(self, token_hash: str) -> TokenInfo | None:
         await self.ensure_schema()
-        query = sa.select(
-            tokens_table.c.name,
-            tokens_table.c.priority,
-            tokens_table.c.rpm,
-            tokens_table.c.tpm,
-            tokens_table.c.max_concurrent,
-        ).where(tokens_table.c.token_hash == token_hash, tokens_table.c.revoked.is_(False))
+        query = sa.select(*_INFO_COLUMNS).where(
+            tokens_table.c.token_hash == token_hash, tokens_table.c.revoked.is_(False)
+        )
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None:
@@ -177,11 +183,7 @@ class TokenStore:
     async def list(self) -> list[TokenRow]:
         await self.ensure_schema()
         query = sa.select(
-            tokens_table.c.name,
-            tokens_table.c.priority,
-            tokens_table.c.rpm,
-            tokens_table.c.tpm,
-            tokens_table.c.max_concurrent,
+            *_INFO_COLUMNS,
             tokens_table.c.revoked,
             tokens_table.c.created_at,
         ).order_by(tokens_table.c.priority.desc(), tokens_table.c.name)

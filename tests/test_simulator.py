@@ -100,6 +100,10 @@ async def aborted_is(client: httpx.AsyncClient, n: int) -> bool:
     return (await stats(client))["aborted"] == n
 
 
+async def started_is(client: httpx.AsyncClient, n: int) -> bool:
+    return (await stats(client))["started"] == n
+
+
 async def waiting_is(client: httpx.AsyncClient, n: int) -> bool:
     return (await stats(client))["waiting"] == n
 
@@ -455,6 +459,8 @@ async def test_abort_non_streaming(make_server: Callable[..., SimServer]) -> Non
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         body = {"prompt": "x", "max_tokens": 2000}
         running = asyncio.create_task(http.post("/v1/completions", json=body))
+        # Only then the second: two requests sent together may reach the server in either order.
+        await wait_for(lambda: started_is(http, 1))
         waiting = asyncio.create_task(http.post("/v1/completions", json=body))
         await wait_for(lambda: waiting_is(http, 1))
         waiting.cancel()  # cancelling the httpx request closes its connection
