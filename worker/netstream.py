@@ -68,24 +68,22 @@ class _Protocol(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait_readable(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = self._read_waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        self._read_waiter = asyncio.get_running_loop().create_future()
+        await _wait(self._read_waiter, timeout)
 
     async def drained(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = self._drain_waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        await _wait(self._drain_waiter, timeout)
+
+
+async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> None:
+    """Until ``waiter`` is resolved, or ``timeout`` passes (then it is resolved by ``_expire``)."""
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
