@@ -23,10 +23,7 @@ def stack(session_tmp: Path) -> Iterator[Stack]:
     """One simulator, one worker and one gateway (SQLite tokens, Redis cache) for the session."""
     stack = Stack(session_tmp, env={"DISPATCHER_MAX_BODY_BYTES": str(1024 * 1024)})
     try:
-        stack.start_simulator(max_num_seqs=16)
-        stack.start_worker(max_concurrency=16)
-        stack.start_gateway()
-        stack.token = stack.add_token("tests", priority=5)  # type: ignore[attr-defined]
+        stack.serve(max_num_seqs=16, max_concurrency=16, token="tests")
         yield stack
     finally:
         stack.close()

@@ -95,6 +95,7 @@ class Stack:
     processes: list[Process] = field(default_factory=list)
     simulator_url: str = ""
     gateway_url: str = ""
+    token: str = ""  # the secret of the token made by serve()
 
     def __post_init__(self) -> None:
         if self.database_url is None:
@@ -155,6 +156,14 @@ class Stack:
         wait_http(self.gateway_url + "/ready")
         self.wait_model()
         return process
+
+    def serve(self, *, max_num_seqs: int, max_concurrency: int, token: str, decode_ms: float = 10.0) -> Stack:
+        """The usual test stack: a simulator, one worker, one gateway and a priority-5 token."""
+        self.start_simulator(max_num_seqs=max_num_seqs, decode_ms=decode_ms)
+        self.start_worker(max_concurrency=max_concurrency)
+        self.start_gateway()
+        self.token = self.add_token(token, priority=5)
+        return self
 
     def wait_model(self, timeout: float = 15.0) -> None:
         """Until the gateway has heard a worker announce our model."""

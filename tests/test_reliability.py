@@ -36,10 +36,7 @@ def cancel_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One sequence at a time in "vLLM", two in the worker: the second waits inside vLLM."""
     stack = Stack(tmp_path_factory.mktemp("cancel"))
     try:
-        stack.start_simulator(max_num_seqs=1, decode_ms=10)
-        stack.start_worker(max_concurrency=2)
-        stack.start_gateway()
-        stack.token = stack.add_token("cancel", priority=5)  # type: ignore[attr-defined]
+        stack.serve(max_num_seqs=1, max_concurrency=2, token="cancel")
         yield stack
     finally:
         stack.close()
@@ -198,10 +195,7 @@ def limits_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         },
     )
     try:
-        stack.start_simulator(max_num_seqs=1, decode_ms=10)
-        stack.start_worker(max_concurrency=1)
-        stack.start_gateway()
-        stack.token = stack.add_token("limits", priority=5)  # type: ignore[attr-defined]
+        stack.serve(max_num_seqs=1, max_concurrency=1, token="limits")
         yield stack
     finally:
         stack.close()

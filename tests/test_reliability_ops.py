@@ -61,10 +61,7 @@ async def test_vllm_down_pauses_the_queue_in_priority_order(make_stack: type[Sta
 def drain_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("drain"), env={"DISPATCHER_DRAIN_DELAY": "1.5"})
     try:
-        stack.start_simulator(max_num_seqs=8, decode_ms=10)
-        stack.start_worker(max_concurrency=2)
-        stack.start_gateway()
-        stack.token = stack.add_token("drain", priority=5)  # type: ignore[attr-defined]
+        stack.serve(max_num_seqs=8, max_concurrency=2, token="drain")
         yield stack
     finally:
         stack.close()
