@@ -54,6 +54,8 @@ class CommonSettings:
     express_priority: int = field(default_factory=lambda: _env_int("EXPRESS_PRIORITY", 11))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
     log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "text"))  # text | json
+    # Label request and token-count metrics with the token's name (false: the label is "").
+    per_token_metrics: bool = field(default_factory=lambda: _env_bool("PER_TOKEN_METRICS", True))
 
     def override(self, **values: object) -> None:
         """Apply command-line values; ``None`` means "flag not given"."""
@@ -84,6 +86,9 @@ class GatewaySettings(CommonSettings):
     # Requests of one token waiting in the queue (not yet taken by a worker) before more are
     # refused with 429, so that one tenant cannot bury another of the same priority. 0 = no cap.
     max_queued_per_token: int = field(default_factory=lambda: _env_int("MAX_QUEUED_PER_TOKEN", 64))
+    # Port of /metrics, apart from the API port so that an Ingress routing the API does not publish it
+    # (0: /metrics on the API port).
+    metrics_port: int = field(default_factory=lambda: _env_int("METRICS_PORT", 9091))
 
 
 @dataclass
@@ -105,3 +110,7 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval: float = field(default_factory=lambda: _env_float("HEARTBEAT_INTERVAL", 5.0))
     # Max delay before buffered frames are flushed to a gateway (seconds).
     flush_interval: float = field(default_factory=lambda: _env_float("FLUSH_INTERVAL", 0.005))
+    # Send vLLM a per-tenant cache_salt (HMAC of the token name under CACHE_SALT_KEY), so tenants
+    # never share prefix-cache blocks (see docs/tenancy.md).
+    cache_salt: bool = field(default_factory=lambda: _env_bool("CACHE_SALT", False))
+    cache_salt_key: str = field(default_factory=lambda: _env("CACHE_SALT_KEY", ""))
