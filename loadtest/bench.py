@@ -26,15 +26,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.load import raise_fd_limit
+from loadtest.load import WINDOW_MARK, raise_fd_limit
 from loadtest.services import Sampler, Services
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
+@dataclass(frozen=True)
+class Profile:
+    """One simulator speed and gateway size; each profile gets its own fresh set of processes."""
+
+    name: str  # "high-rate" | "low-rate" | "high-rate-2gw"
+    decode_ms: float
+    decode_ms_per_seq: float
+    gateway_workers: int = 1
+
+    @property
+    def label(self) -> str:
+        rate = f"{self.decode_ms:g} ms/step + {self.decode_ms_per_seq:g} ms/sequence"
+        return f"{self.name} ({rate}, {self.gateway_workers} gateway process{'es' if self.gateway_workers > 1 else ''})"
+
+
+# A real GPU's rate: an 8B model decodes about 100 tokens/s per stream, whatever the batch (10 ms steps).
+HIGH = Profile("high-rate", 10.0, 0.0)
+HIGH_2GW = Profile("high-rate-2gw", 10.0, 0.0, gateway_workers=2)
+# The older, gentler setting: 20 ms steps slowing down with the batch (a quarter of the token rate).
+LOW = Profile("low-rate", 20.0, 0.25)
+
+
 @dataclass
 class Case:
+    profile: str
     group: str  # "sweep" | "long" | "many"
     target: str  # "direct" | "stack"
     concurrency: int
@@ -45,7 +68,7 @@ class Case:
     requests_per_user: int = 0
 
 
-def run_case(services: Services, case: Case) -> dict[str, Any]:
+def run_case(services: Services, case: Case, spy: Path | None = None) -> dict[str, Any]:
     """One load run in its own process while the services' CPU and memory are measured."""
     services.check_alive()
     _wait_idle(services.simulator_url)
@@ -59,21 +82,68 @@ def run_case(services: Services, case: Case) -> dict[str, Any]:
         "--warmup", str(case.warmup), "--duration", str(case.duration), "--ramp", str(case.ramp),
         "--requests-per-user", str(case.requests_per_user),
     ]  # fmt: skip
-    label = f"{case.group}: {case.concurrency} streams x {case.max_tokens} tokens, {case.target}"
+    label = f"{case.profile} {case.group}: {case.concurrency} streams x {case.max_tokens} tokens, {case.target}"
     print(f"  {label} ...", end="", flush=True)
+    spies: list[subprocess.Popen[bytes]] = []
     with Sampler(services.pids()) as sampler:
-        finished = subprocess.run(command, capture_output=True, check=False)
-    if finished.returncode != 0:
-        raise RuntimeError(f"the load client failed: {finished.stderr.decode()[-2000:]}")
-    result: dict[str, Any] = json.loads(finished.stdout)
+        load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert load.stdout is not None
+        summary = b""
+        for line in load.stdout:
+            if line.startswith(WINDOW_MARK.encode()):
+                sampler.mark()
+                if spy is not None and not direct and line.strip().endswith(b"start"):
+                    spies = start_spies(services, spy, case)
+            else:
+                summary += line
+        stderr = load.stderr.read() if load.stderr else b""
+        load.wait()
+    for process in spies:
+        process.wait()
+    if load.returncode != 0:
+        raise RuntimeError(f"the load client failed: {stderr.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(summary)
     result["case"] = asdict(case)
     result["usage"] = {name: asdict(usage) for name, usage in sampler.usage().items()}
+    costs = cpu_costs(result)
+    extra = ""
+    if not direct:
+        extra = ", CPU/request: " + ", ".join(f"{name} {costs[name]['per_request_ms']:.2f} ms" for name in costs)
     print(
         f" {result['tokens_per_s']:.0f} tokens/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
-        f"inter-token p99 {result['itl_ms']['p99']:.1f} ms, errors {result['errors']}",
+        f"inter-token p99 {result['itl_ms']['p99']:.1f} ms, errors {result['errors']}{extra}",
         flush=True,
     )
     return result
+
+
+def cpu_costs(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """CPU milliseconds per request and microseconds per token of each measured process, over the window."""
+    requests, tokens = result["requests"], result["tokens"]
+    costs = {}
+    for name in ("gateway", "worker", "rabbitmq"):
+        usage = result["usage"].get(name)
+        if usage is None:
+            continue
+        cpu = usage.get("window_cpu_s", float("nan"))
+        costs[name] = {
+            "per_request_ms": cpu * 1000 / requests if requests else float("nan"),
+            "per_token_us": cpu * 1e6 / tokens if tokens else float("nan"),
+        }
+    return costs
+
+
+def start_spies(services: Services, directory: Path, case: Case) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the gateway and the worker over the measurement window (raw folded stacks)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pids = services.pids()
+    spies = []
+    for name in ("gateway", "worker"):
+        out = directory / f"{name}-{case.profile}-{case.concurrency}x{case.max_tokens}.txt"
+        command = ["py-spy", "record", "--nonblocking", "--subprocesses", "-f", "raw", "-o", str(out),
+                   "-d", str(max(1, int(case.duration))), "-p", str(pids[name])]  # fmt: skip
+        spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
 def _wait_idle(simulator_url: str, timeout: float = 30.0) -> None:
@@ -88,32 +158,36 @@ def _wait_idle(simulator_url: str, timeout: float = 30.0) -> None:
         time.sleep(0.25)
 
 
-def plan(args: argparse.Namespace) -> list[Case]:
+def _pair(profile: Profile, group: str, concurrency: int, tokens: int, **timing: float) -> list[Case]:
+    return [Case(profile.name, group, target, concurrency, tokens, **timing) for target in ("direct", "stack")]  # type: ignore[arg-type]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Profile, list[Case]]]:
+    """The runs, grouped by profile (each profile starts its own simulator, gateway and worker)."""
     if args.quick:
         return [
-            Case("sweep", target, 64, args.max_tokens, warmup=3, duration=10)
-            for target in ("direct", "stack")
+            (HIGH, _pair(HIGH, "sweep", 64, 64, warmup=3, duration=10)),
+            (LOW, _pair(LOW, "sweep", 64, 100, warmup=3, duration=8)),
         ]
-    cases = [
-        Case("sweep", target, concurrency, args.max_tokens, warmup=args.warmup, duration=args.duration)
-        for concurrency in args.concurrency
-        for target in ("direct", "stack")
-    ]
+    timing = {"warmup": args.warmup, "duration": args.duration}
+    high = [case for c in args.concurrency for case in _pair(HIGH, "sweep", c, args.max_tokens, **timing)]
     if args.long_tokens:
-        cases += [
-            Case("long", target, args.long_concurrency, args.long_tokens, 0, 0, ramp=0.5, requests_per_user=1)
-            for target in ("direct", "stack")
-        ]
+        # 512 tokens at 100 tokens/s: about 5 s per answer, so a longer window.
+        high += _pair(HIGH, "long", 64, args.long_tokens, warmup=6, duration=max(args.duration, 15))
+    plans = [(HIGH, high)]
+    if args.gateway_workers > 1:
+        two = Profile(HIGH_2GW.name, HIGH.decode_ms, HIGH.decode_ms_per_seq, args.gateway_workers)
+        plans.append((two, [c for n in args.concurrency for c in _pair(two, "sweep", n, args.max_tokens, **timing)]))
+    low = [case for c in args.low_concurrency for case in _pair(LOW, "sweep", c, 100, **timing)]
+    low += _pair(LOW, "long", 16, 1000, warmup=0, duration=0, ramp=0.5, requests_per_user=1)
     if args.many:
         # Ramp over a few seconds (1,000 connects at once is a SYN flood, not a streaming test).
-        cases += [
-            Case("many", target, args.many, args.many_tokens, warmup=8, duration=args.duration, ramp=5)
-            for target in ("direct", "stack")
-        ]
-    return cases
+        low += _pair(LOW, "many", args.many, 50, warmup=8, duration=args.duration, ramp=5)
+    plans.append((LOW, low))
+    return plans
 
 
-def environment(args: argparse.Namespace, services: Services) -> dict[str, Any]:
+def environment(args: argparse.Namespace, profiles: list[Profile]) -> dict[str, Any]:
     import psutil
 
     cpu = platform.processor() or ""
@@ -130,10 +204,9 @@ def environment(args: argparse.Namespace, services: Services) -> dict[str, Any]:
         "cores": psutil.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
-        "decode_ms": args.decode_ms,
+        "profiles": {p.name: asdict(p) | {"label": p.label} for p in profiles},
         "max_num_seqs": args.max_num_seqs,
         "worker_concurrency": args.max_num_seqs,
-        "redis": bool(services.redis_url),
         "git": _git_head(),
         # Other work on the machine skews latency tails: say how busy it was.
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -163,23 +236,46 @@ def _redis_reachable(url: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="64 streams direct vs through the stack; print the ratio")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--quick", action="store_true", help="64 streams high-rate and low-rate, direct vs stack")
     parser.add_argument("--report", type=Path, help="write the Markdown report here (plots beside it)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this directory")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 256])
-    parser.add_argument("--max-tokens", type=int, default=100, help="tokens per answer in the sweep")
+    parser.add_argument("--py-spy", type=Path, help="record py-spy profiles of gateway and worker here (stack runs)")
+    parser.add_argument("--concurrency", type=ints, default=[64, 256], help="high-rate streams")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer in the high-rate sweep")
+    parser.add_argument("--long-tokens", type=int, default=512, help="tokens per answer, high-rate long case (0: skip)")
+    parser.add_argument("--gateway-workers", type=int, default=2, help="gateway processes, extra profile (1: skip)")
+    parser.add_argument("--low-concurrency", type=ints, default=[16, 64, 256], help="low-rate streams")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before measuring")
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per case")
-    parser.add_argument("--decode-ms", type=float, default=20.0, help="simulator decode step (ms)")
     parser.add_argument("--max-num-seqs", type=int, default=1024, help="simulator batch and worker concurrency")
-    parser.add_argument("--long-tokens", type=int, default=1000, help="tokens per answer in the long case (0: skip)")
-    parser.add_argument("--long-concurrency", type=int, default=16)
     parser.add_argument("--many", type=int, default=1000, help="streams in the many-connections case (0: skip)")
-    parser.add_argument("--many-tokens", type=int, default=50)
     parser.add_argument("--amqp-url", default=None, help=f"RabbitMQ (DISPATCHER_AMQP_URL, default {DEFAULT_AMQP})")
     parser.add_argument("--redis-url", default=None, help=f"Redis, used when reachable (default {DEFAULT_REDIS})")
     return parser
+
+
+def run_profile(
+    profile: Profile, cases: list[Case], args: argparse.Namespace, amqp_url: str, redis_url: str, logs: Path
+) -> list[dict[str, Any]]:
+    services = Services(logs / profile.name, amqp_url, redis_url)
+    services.tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        services.start(
+            max_num_seqs=args.max_num_seqs,
+            decode_ms=profile.decode_ms,
+            decode_ms_per_seq=profile.decode_ms_per_seq,
+            worker_concurrency=args.max_num_seqs,
+            gateway_workers=profile.gateway_workers,
+        )
+        print(f"{profile.label}: simulator, gateway and worker are up; {len(cases)} runs:", flush=True)
+        results = [run_case(services, case, args.py_spy) for case in cases]
+    finally:
+        services.close()
+    for result in results:
+        result["redis"] = bool(redis_url)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,30 +284,22 @@ def main(argv: list[str] | None = None) -> None:
     redis_url = args.redis_url or os.environ.get("DISPATCHER_REDIS_URL") or DEFAULT_REDIS
     if not _redis_reachable(redis_url):
         redis_url = ""
-    cases = plan(args)
+    plans = plan(args)
     # The gateway, worker and simulator inherit it: each holds a socket per stream.
-    raise_fd_limit(max(case.concurrency for case in cases) * 2 + 256)
+    raise_fd_limit(max(case.concurrency for _, cases in plans for case in cases) * 2 + 256)
+    env = environment(args, [profile for profile, _ in plans])
+    env["redis"] = bool(redis_url)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
         logs = args.logs or Path(tmp)
-        logs.mkdir(parents=True, exist_ok=True)
-        services = Services(logs, amqp_url, redis_url)
-        try:
-            services.start(
-                max_num_seqs=args.max_num_seqs, decode_ms=args.decode_ms, worker_concurrency=args.max_num_seqs
-            )
-            print(f"simulator (decode {args.decode_ms} ms/step), gateway and worker are up; {len(cases)} runs:")
-            env = environment(args, services)
-            results = [run_case(services, case) for case in cases]
-        finally:
-            services.close()
+        for profile, cases in plans:
+            results += run_profile(profile, cases, args, amqp_url, redis_url, logs)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "results": results}, indent=1))
-    if args.quick:
-        direct, stack = results
-        ratio = stack["tokens_per_s"] / direct["tokens_per_s"]
-        print(f"direct to the simulator: {direct['tokens_per_s']:.0f} tokens/s")
-        print(f"through the stack:       {stack['tokens_per_s']:.0f} tokens/s")
-        print(f"ratio: {ratio:.3f} (target >= 0.9)")
+    from loadtest.report import targets_text
+
+    print()
+    print(targets_text(results))
     if args.report:
         from loadtest.report import write_report
 

@@ -4,7 +4,9 @@
 
 Each of ``concurrency`` users sends one streamed chat completion after another over its own
 keep-alive connection. Figures count only what happens inside the measurement window (after the
-warm-up), or, with ``--requests-per-user``, the whole run. The bench runs this in its own process so
+warm-up), or, with ``--requests-per-user``, the whole run. The window's edges are printed as
+``#window start`` / ``#window end`` lines before the JSON summary, so that a parent can read the
+CPU time of the processes under test over exactly that window. The bench runs this in its own process so
 that the client's CPU is not charged to what it measures.
 """
 
@@ -99,10 +101,15 @@ class LoadRun:
             self.window_end = self.window_start + config.duration
         users = [asyncio.create_task(self.user(i)) for i in range(config.concurrency)]
         if config.requests_per_user > 0:
+            mark("start")
             await asyncio.gather(*users)
             self.window_end = time.perf_counter()
+            mark("end")
         else:
-            await asyncio.sleep(self.window_end - started)
+            await asyncio.sleep(self.window_start - started)
+            mark("start")
+            await asyncio.sleep(self.window_end - time.perf_counter())
+            mark("end")
             for task in users:
                 task.cancel()
             await asyncio.gather(*users, return_exceptions=True)
@@ -121,7 +128,9 @@ class LoadRun:
         per_stream = [
             (r.tokens - 1) / (r.last_token_at - r.first_token_at)
             for r in completed
-            if r.tokens > 1 and r.first_token_at is not None and r.last_token_at is not None
+            if r.tokens > 1
+            and r.first_token_at is not None
+            and r.last_token_at is not None
             and r.last_token_at > r.first_token_at
         ]
         return {
@@ -140,6 +149,15 @@ class LoadRun:
             "stream_tokens_per_s": percentiles(per_stream, 1.0),
             "client_cpu_s": time.process_time(),
         }
+
+
+WINDOW_MARK = "#window "
+
+
+def mark(edge: str) -> None:
+    """Tell the parent (the bench) that the measurement window starts or ends: it reads CPU times then."""
+    sys.stdout.write(f"{WINDOW_MARK}{edge}\n")
+    sys.stdout.flush()
 
 
 def percentiles(values: object, scale: float) -> dict[str, float | int]:

@@ -45,32 +45,64 @@ def wait_http(url: str, timeout: float = 30.0, contains: bytes = b"") -> None:
 
 @dataclass
 class Usage:
-    """CPU seconds and peak resident memory of one process over one measurement."""
+    """CPU seconds and peak resident memory of one process tree over one measurement.
+
+    ``cpu_s`` covers the whole run (warm-up included); ``window_cpu_s`` only the measurement window,
+    the one to divide by the requests and tokens counted in that window.
+    """
 
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
+    window_cpu_s: float = float("nan")
+
+
+def tree_cpu(process: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its children (a gateway with several processes)."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def tree_rss_mb(process: psutil.Process) -> float:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
 
 
 class Sampler:
-    """Peak RSS of some processes, sampled in a thread; CPU time from the start/stop difference."""
+    """Peak RSS of some process trees, sampled in a thread; CPU time from start/stop (and window) differences."""
 
     def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.interval = interval
         self.peaks = dict.fromkeys(pids, 0.0)
         self._cpu_start: dict[str, float] = {}
+        self._window: dict[str, list[float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def _cpu(process: psutil.Process) -> float:
-        times = process.cpu_times()
-        return times.user + times.system
+    def _cpu(self) -> dict[str, float]:
+        result = {}
+        for name, process in self.processes.items():
+            try:
+                result[name] = tree_cpu(process)
+            except psutil.Error:
+                result[name] = float("nan")
+        return result
 
     def _sample(self) -> None:
         for name, process in self.processes.items():
             try:
-                self.peaks[name] = max(self.peaks[name], process.memory_info().rss / 2**20)
+                self.peaks[name] = max(self.peaks[name], tree_rss_mb(process))
             except psutil.Error:
                 pass
 
@@ -78,8 +110,13 @@ class Sampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
+    def mark(self) -> None:
+        """A window edge (start, then end): CPU times now."""
+        for name, cpu in self._cpu().items():
+            self._window.setdefault(name, []).append(cpu)
+
     def __enter__(self) -> Sampler:
-        self._cpu_start = {name: self._cpu(p) for name, p in self.processes.items()}
+        self._cpu_start = self._cpu()
         self._sample()
         self._thread.start()
         return self
@@ -91,12 +128,11 @@ class Sampler:
 
     def usage(self) -> dict[str, Usage]:
         result = {}
-        for name, process in self.processes.items():
-            try:
-                cpu = self._cpu(process) - self._cpu_start[name]
-            except psutil.Error:
-                cpu = float("nan")
-            result[name] = Usage(cpu, self.peaks[name])
+        end = self._cpu()
+        for name in self.processes:
+            edges = self._window.get(name, [])
+            window = edges[1] - edges[0] if len(edges) >= 2 else float("nan")
+            result[name] = Usage(end[name] - self._cpu_start[name], self.peaks[name], window)
         return result
 
 
@@ -141,11 +177,20 @@ class Services:
         self.processes[name] = process
         return process
 
-    def start(self, *, max_num_seqs: int, decode_ms: float, worker_concurrency: int) -> None:
+    def start(
+        self,
+        *,
+        max_num_seqs: int,
+        decode_ms: float,
+        worker_concurrency: int,
+        decode_ms_per_seq: float = 0.25,
+        gateway_workers: int = 1,
+    ) -> None:
         port = free_port()
         self._spawn(
             "simulator", "simulate", "--model", self.model, "--port", str(port),
             "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
+            "--decode-ms-per-seq", str(decode_ms_per_seq),
         )  # fmt: skip
         self.simulator_url = f"http://127.0.0.1:{port}"
         wait_http(self.simulator_url + "/health")
@@ -153,7 +198,10 @@ class Services:
         port = free_port()
         # One token plays every user here: its per-token queue cap (a fairness limit between tenants)
         # is set out of reach, but stays active, so the limiter's cost per request is measured.
-        self._spawn("gateway", "gateway", "--port", str(port), env={"DISPATCHER_MAX_QUEUED_PER_TOKEN": "1000000"})
+        self._spawn(
+            "gateway", "gateway", "--port", str(port), "--workers", str(gateway_workers),
+            env={"DISPATCHER_MAX_QUEUED_PER_TOKEN": "1000000", "DISPATCHER_METRICS_PORT": str(free_port())},
+        )  # fmt: skip
         self.gateway_url = f"http://127.0.0.1:{port}"
         wait_http(self.gateway_url + "/ready")
         self._spawn(
