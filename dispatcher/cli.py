@@ -37,8 +37,12 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.server import DrainingServer
 
     settings = GatewaySettings()
-    settings.override(host=args.host, port=args.port)
+    settings.override(host=args.host, port=args.port, gateway_workers=args.workers)
     setup_logging(settings.log_level, settings.log_format)
+    if settings.gateway_workers > 1 and not args.reuse_port:
+        from gateway.server import supervise
+
+        sys.exit(supervise(settings))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -51,7 +55,13 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         timeout_keep_alive=30,
     )
-    DrainingServer(config, on_drain=lambda: app.state.update(draining=True), drain_delay=settings.drain_delay).run()
+    server = DrainingServer(config, on_drain=lambda: app.state.update(draining=True), drain_delay=settings.drain_delay)
+    if args.reuse_port:  # one of several processes on this port (see gateway.server.supervise)
+        from gateway.server import reuse_port_socket
+
+        server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
+    else:
+        server.run()
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -72,7 +82,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_simulate(args: argparse.Namespace) -> None:
     from simulator.app import run
 
-    run(host=args.host, port=args.port, model=args.model, max_num_seqs=args.max_num_seqs, decode_ms=args.decode_ms)
+    run(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        max_num_seqs=args.max_num_seqs,
+        decode_ms=args.decode_ms,
+        decode_ms_per_seq=args.decode_ms_per_seq,
+    )
 
 
 # -- tokens -------------------------------------------------------------------------------------
@@ -281,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
     p.add_argument("--host", help="address to listen on (DISPATCHER_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (DISPATCHER_PORT, default 8080)")
+    p.add_argument("--workers", type=int, help="processes on this port (DISPATCHER_GATEWAY_WORKERS, default: cores)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a child of --workers N
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("worker", help="run a worker beside one vLLM server")
@@ -302,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
+    p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("tokens", help="manage API tokens")

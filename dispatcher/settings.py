@@ -89,6 +89,8 @@ class GatewaySettings(CommonSettings):
     # Port of /metrics, apart from the API port so that an Ingress routing the API does not publish it
     # (0: /metrics on the API port).
     metrics_port: int = field(default_factory=lambda: _env_int("METRICS_PORT", 9091))
+    # Gateway processes sharing the port (SO_REUSEPORT), each with its own AMQP connections: one per core.
+    gateway_workers: int = field(default_factory=lambda: _env_int("GATEWAY_WORKERS", os.cpu_count() or 1))
 
 
 @dataclass
