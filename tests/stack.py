@@ -109,6 +109,7 @@ class Stack:
             DISPATCHER_DATABASE_URL=self.database_url or "",
             DISPATCHER_LOG_LEVEL="info",
             DISPATCHER_DRAIN_DELAY="0",  # a SIGTERM'd test gateway stops at once (tests that drain set it)
+            DISPATCHER_GATEWAY_WORKERS="1",  # one gateway process unless a test asks for more
         )
         env.update(self.env)
         env.update(extra or {})
