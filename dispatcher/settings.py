@@ -103,6 +103,10 @@ class WorkerSettings(CommonSettings):
     reserved_slots: int = field(default_factory=lambda: _env_int("RESERVED_SLOTS", 0))
     # Pass the token priority to vLLM (needs vLLM started with --scheduling-policy priority).
     vllm_priority: bool = field(default_factory=lambda: _env_bool("VLLM_PRIORITY", False))
+    # Kind of inference server beside the worker: vllm | sglang | llamacpp | generic | auto (detected from
+    # /metrics). Decides the load metrics read, the health semantics and whether priority is passed
+    # (see worker/backends.py).
+    backend: str = field(default_factory=lambda: _env("BACKEND", "vllm"))
     # Port of the worker's own /health, /ready and /metrics.
     http_host: str = field(default_factory=lambda: _env("WORKER_HOST", "0.0.0.0"))
     http_port: int = field(default_factory=lambda: _env_int("WORKER_PORT", 9090))

@@ -11,7 +11,10 @@ Test hooks:
   and ``log`` (last 10,000 ``queued``/``started``/``finished``/``aborted`` events, each with the
   request id, user, priority and received ``traceparent``); ``POST /sim/reset``
   clears the counters and the log;
-- an ``X-Request-Id`` header names the request in the log (and in the response ids, as vLLM does).
+- an ``X-Request-Id`` header names the request in the log (and in the response ids, as vLLM does);
+- ``json_style="spaced"`` (``dispatcher simulate --json-style spaced``) writes JSON the way servers built on
+  Python's ``json.dumps`` do (``"usage": {``) and with every object's keys in reverse order, so that the
+  worker's event parsing is tested against another dialect than vLLM's compact one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import random
 import struct
@@ -129,6 +133,7 @@ class Simulator:
         self.priority_scheduling = priority_scheduling
         self.max_model_len = max_model_len
         self.created = int(time.time())
+        self.spaced = False  # json_style="spaced" (see create_app)
 
     # --- request parsing -------------------------------------------------------------------------
 
@@ -246,7 +251,8 @@ class Simulator:
             fmt = _StreamFormat(resp_id, created, self.model, seq, opts, chat=chat)
             # Chunks are yielded pre-framed as bytes (sse-starlette sends bytes verbatim): the same wire
             # format as sep="\n" JSON strings, without its per-event regex split and StringIO.
-            return EventSourceResponse(_stream(self.engine, seq, fmt), sep="\n", ping=0)
+            events = _stream(self.engine, seq, fmt)
+            return EventSourceResponse(_respaced(events) if self.spaced else events, sep="\n", ping=0)
         self.engine.add(seq)
         watcher = asyncio.create_task(_abort_on_disconnect(request.receive, self.engine, seq))
         try:
@@ -315,7 +321,7 @@ class Simulator:
                 "usage": usage,
                 "kv_transfer_params": None,
             }
-        return Response(_encode(body), media_type="application/json")
+        return Response(_spaced(body) if self.spaced else _encode(body), media_type="application/json")
 
     async def embeddings(self, request: Request) -> Response:
         try:
@@ -505,6 +511,32 @@ async def _stream(engine: Engine, seq: Sequence, fmt: _StreamFormat) -> AsyncIte
             engine.abort(seq)
 
 
+def _reversed_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _reversed_keys(v) for k, v in reversed(value.items())}
+    if isinstance(value, list):
+        return [_reversed_keys(v) for v in value]
+    return value
+
+
+def _spaced(value: Any) -> bytes:
+    """``value`` as ``json.dumps`` writes it by default (``", "`` and ``": "``), keys in reverse order."""
+    return json.dumps(_reversed_keys(value)).encode()
+
+
+async def _respaced(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream's JSON events rewritten by ``_spaced`` (slow, for tests only); [DONE] unchanged."""
+    async with contextlib.aclosing(events):  # closing it runs _stream's finally (the abort)
+        async for block in events:
+            out: list[bytes] = []
+            for event in block.split(b"\n\n"):
+                if event.startswith(b"data: {"):
+                    event = b"data: " + _spaced(_decoder.decode(event[6:]))
+                if event:
+                    out.append(event + b"\n\n")
+            yield b"".join(out)
+
+
 async def _abort_on_disconnect(receive: Receive, engine: Engine, seq: Sequence) -> None:
     # The body is already read, so the next ASGI message is http.disconnect when the client leaves;
     # uvicorn does not cancel a non-streaming handler itself.
@@ -527,6 +559,7 @@ def create_app(
     prefill_ms: float = 5.0,
     max_tokens_default: int = 64,
     seed: int | None = None,
+    json_style: str = "compact",
     priority_scheduling: bool = True,
     max_model_len: int = 4096,
 ) -> Starlette:
@@ -566,6 +599,9 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.simulator = sim
     app.state.engine = engine
+    if json_style not in ("compact", "spaced"):
+        raise ValueError(f"json_style must be compact or spaced, not {json_style!r}")
+    sim.spaced = json_style == "spaced"
     return app
 
 
