@@ -132,6 +132,6 @@ def inspect(event: bytes) -> EventInfo:
 def body_usage(body: bytes) -> Usage | None:
     """The usage object of a whole (non-streamed) JSON response, if it has one."""
     try:
-        return _usage(_body_decoder.decode(body))
+        return _usage(_body_decoder.decode(body).usage)
     except msgspec.DecodeError:
         return None
