@@ -100,12 +100,41 @@ Usage: include "dispatcher.secretValue" (dict "root" $ "secret" NAME "key" KEY "
 {{- default (printf "%s-rabbitmq" (include "dispatcher.fullname" .)) .Values.rabbitmq.cluster.name | trunc 50 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* First (or only) broker host: the stream URL and KEDA take one host. */}}
 {{- define "dispatcher.rabbitmq.host" -}}
 {{- if .Values.rabbitmq.internal -}}
 {{- printf "%s.%s.svc" (include "dispatcher.rabbitmq.clusterName" .) .Release.Namespace -}}
+{{- else if .Values.rabbitmq.hosts -}}
+{{- (split ":" (first .Values.rabbitmq.hosts | toString))._0 -}}
 {{- else -}}
 {{- required "rabbitmq.host is required when rabbitmq.internal is false" .Values.rabbitmq.host -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+host:port of every broker node, comma-separated. The internal cluster keeps its one Service (it
+balances over the nodes); an external cluster may list its nodes in `rabbitmq.hosts` for failover.
+*/}}
+{{- define "dispatcher.rabbitmq.endpoints" -}}
+{{- $port := int .Values.rabbitmq.port -}}
+{{- if and (not .Values.rabbitmq.internal) .Values.rabbitmq.hosts -}}
+{{- $out := list -}}
+{{- range .Values.rabbitmq.hosts -}}
+{{- $h := toString . -}}
+{{- $out = append $out (ternary $h (printf "%s:%d" $h $port) (contains ":" $h)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- else -}}
+{{- printf "%s:%d" (include "dispatcher.rabbitmq.host" .) $port -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dispatcher.rabbitmq.firstEndpoint" -}}
+{{- first (splitList "," (include "dispatcher.rabbitmq.endpoints" .)) -}}
+{{- end -}}
+
+{{- define "dispatcher.rabbitmq.image" -}}
+{{- default .Values.rabbitmq.image .Values.rabbitmq.cluster.image -}}
 {{- end -}}
 
 {{/* Secret with the RabbitMQ user and password: the operator's default-user one, an existing one, or ours. */}}
@@ -127,35 +156,122 @@ Usage: include "dispatcher.secretValue" (dict "root" $ "secret" NAME "key" KEY "
 {{- if or .Values.rabbitmq.internal (not .Values.rabbitmq.auth.existingSecret) -}}password{{- else -}}{{ .Values.rabbitmq.auth.existingSecretPasswordKey }}{{- end -}}
 {{- end -}}
 
+{{/*
+Name of the topology operator's User of a role; its credentials Secret is "<name>-user-credentials".
+Usage: include "dispatcher.rabbitmq.userName" (dict "root" $ "role" "gateway"|"worker"|"keda"|"ledger-reader" "model" $m)
+*/}}
+{{- define "dispatcher.rabbitmq.userName" -}}
+{{- if eq .role "worker" -}}
+{{- printf "%s-amqp-worker-%s" (include "dispatcher.fullname" .root) .model.slug -}}
+{{- else -}}
+{{- printf "%s-amqp-%s" (include "dispatcher.fullname" .root) .role -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Credentials of a role as YAML {secret, userKey, passwordKey}: the topology operator's generated
+Secret, the role's existing Secret, or the shared user.
+Usage: include "dispatcher.rabbitmq.credentials" (dict "root" $ "role" "gateway"|"worker"|"keda" "model" $m) | fromYaml
+*/}}
+{{- define "dispatcher.rabbitmq.credentials" -}}
+{{- $v := .root.Values.rabbitmq -}}
+{{- $own := "" -}}
+{{- if eq .role "gateway" -}}{{ $own = $v.roleSecrets.gateway }}{{- end -}}
+{{- if eq .role "worker" -}}{{ $own = default $v.roleSecrets.worker .model.rabbitmqSecret }}{{- end -}}
+{{- if $v.topologyOperator.enabled -}}
+secret: {{ printf "%s-user-credentials" (include "dispatcher.rabbitmq.userName" .) }}
+userKey: username
+passwordKey: password
+{{- else if $own -}}
+secret: {{ $own }}
+userKey: {{ $v.auth.existingSecretUserKey }}
+passwordKey: {{ $v.auth.existingSecretPasswordKey }}
+{{- else -}}
+secret: {{ include "dispatcher.rabbitmq.secretName" .root }}
+userKey: {{ include "dispatcher.rabbitmq.userKey" .root }}
+passwordKey: {{ include "dispatcher.rabbitmq.passwordKey" .root }}
+{{- end -}}
+{{- end -}}
+
 {{/* "/" is the default vhost and needs no path; others are URL-escaped. */}}
 {{- define "dispatcher.rabbitmq.vhostPath" -}}
 {{- if eq (toString .Values.rabbitmq.vhost) "/" -}}/{{- else -}}/{{ .Values.rabbitmq.vhost | urlquery }}{{- end -}}
 {{- end -}}
 
-{{/* Env of the AMQP and stream URLs: the password stays in its Secret and is expanded by the kubelet. */}}
+{{/*
+Env of the AMQP and stream URLs of one role: the password stays in that role's Secret and is
+expanded by the kubelet. DISPATCHER_AMQP_URL is a comma-separated list (failover) with several hosts.
+Usage: include "dispatcher.env.rabbitmq" (dict "root" $ "role" "gateway"|"worker" "model" $m)
+*/}}
 {{- define "dispatcher.env.rabbitmq" -}}
+{{- $root := .root -}}
+{{- $c := include "dispatcher.rabbitmq.credentials" . | fromYaml -}}
+{{- $vhost := include "dispatcher.rabbitmq.vhostPath" $root -}}
+{{- $urls := list -}}
+{{- range split "," (include "dispatcher.rabbitmq.endpoints" $root) -}}
+{{- $urls = append $urls (printf "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s%s" . $vhost) -}}
+{{- end -}}
 - name: RABBITMQ_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ include "dispatcher.rabbitmq.secretName" . }}
-      key: {{ include "dispatcher.rabbitmq.userKey" . }}
+      name: {{ $c.secret }}
+      key: {{ $c.userKey }}
 - name: RABBITMQ_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "dispatcher.rabbitmq.secretName" . }}
-      key: {{ include "dispatcher.rabbitmq.passwordKey" . }}
+      name: {{ $c.secret }}
+      key: {{ $c.passwordKey }}
 - name: DISPATCHER_AMQP_URL
-  value: {{ printf "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:%d%s" (include "dispatcher.rabbitmq.host" .) (int .Values.rabbitmq.port) (include "dispatcher.rabbitmq.vhostPath" .) | quote }}
-{{- if .Values.config.usage.enabled }}
+  value: {{ join "," $urls | quote }}
+{{- if $root.Values.config.usage.enabled }}
 - name: DISPATCHER_USAGE_STREAM_URL
-  value: {{ printf "rabbitmq-stream://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:%d%s" (include "dispatcher.rabbitmq.host" .) (int .Values.rabbitmq.streamPort) (include "dispatcher.rabbitmq.vhostPath" .) | quote }}
+  value: {{ printf "rabbitmq-stream://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:%d%s" (include "dispatcher.rabbitmq.host" $root) (int $root.Values.rabbitmq.streamPort) $vhost | quote }}
 - name: DISPATCHER_USAGE_STREAM_NAME
-  value: {{ .Values.config.usage.streamName | quote }}
+  value: {{ $root.Values.config.usage.streamName | quote }}
 - name: DISPATCHER_USAGE_MAX_AGE
-  value: {{ .Values.config.usage.maxAge | quote }}
+  value: {{ $root.Values.config.usage.maxAge | quote }}
 - name: DISPATCHER_USAGE_MAX_BYTES
-  value: {{ .Values.config.usage.maxBytes | int64 | toString | quote }}
+  value: {{ $root.Values.config.usage.maxBytes | int64 | toString | quote }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Permissions of a role, as YAML {configure, write, read}: regexes on queue and exchange names.
+Publishing goes through the default exchange ("amq.default"); control messages through the
+fanout "dispatcher.control", bound to an exclusive server-named queue ("amq.gen-..."); the
+gateway reads replies on the direct reply-to pseudo-queue "amq.rabbitmq.reply-to".
+Usage: include "dispatcher.rabbitmq.permissions" (dict "root" $ "role" "gateway"|"worker"|"keda"|"ledger-reader" "model" $m "models" $ctx.models)
+*/}}
+{{- define "dispatcher.rabbitmq.permissions" -}}
+{{- $usage := .root.Values.config.usage -}}
+{{- $stream := ternary (list (regexQuoteMeta (toString $usage.streamName))) list $usage.enabled -}}
+{{- $control := list "dispatcher\\.control" "amq\\.gen-.*" -}}
+{{- if eq .role "gateway" -}}
+{{- $queues := list -}}
+{{- range .models -}}{{ $queues = append $queues (include "dispatcher.model.queueRegex" .) }}{{- end -}}
+configure: {{ include "dispatcher.regexAnyOf" (concat $queues $control $stream) | quote }}
+write: {{ include "dispatcher.regexAnyOf" (concat (list "amq\\.default") $control $stream) | quote }}
+read: {{ include "dispatcher.regexAnyOf" (concat (list "amq\\.rabbitmq\\.reply-to") $control) | quote }}
+{{- else if eq .role "worker" -}}
+{{- $queues := list (include "dispatcher.model.queueRegex" .model) -}}
+configure: {{ include "dispatcher.regexAnyOf" (concat $queues $control $stream) | quote }}
+write: {{ include "dispatcher.regexAnyOf" (concat (list "amq\\.default") $control $stream) | quote }}
+read: {{ include "dispatcher.regexAnyOf" (concat $queues $control) | quote }}
+{{- else if eq .role "ledger-reader" -}}
+configure: "^$"
+write: "^$"
+read: {{ include "dispatcher.regexAnyOf" $stream | quote }}
+{{- else -}}
+{{- /* keda: a passive queue.declare (the queue depth) needs vhost access, no permission. */ -}}
+configure: "^$"
+write: "^$"
+read: "^$"
+{{- end -}}
+{{- end -}}
+
+{{/* One anchored alternative of regexes: ^(a|b)$, or ^$ (nothing) for an empty list. */}}
+{{- define "dispatcher.regexAnyOf" -}}
+{{- if . -}}{{ printf "^(%s)$" (join "|" .) }}{{- else -}}^${{- end -}}
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- Database */}}
@@ -241,6 +357,55 @@ Usage: include "dispatcher.secretValue" (dict "root" $ "secret" NAME "key" KEY "
   value: {{ .Values.config.expressPriority | toString | quote }}
 {{- end -}}
 
+{{/* Settings the gateway and the workers must agree on: both declare the model queues. */}}
+{{- define "dispatcher.env.serving" -}}
+- name: DISPATCHER_QUEUE_TYPE
+  value: {{ .Values.queue.type | quote }}
+- name: DISPATCHER_MAX_QUEUE_LENGTH
+  value: {{ .Values.sender.config.maxQueueLength | int64 | toString | quote }}
+- name: DISPATCHER_PER_TOKEN_METRICS
+  value: {{ .Values.metrics.perTokenLabels | toString | quote }}
+{{- end -}}
+
+{{/*
+Gateway processes per pod: sender.workers, else the CPU request (or limit) rounded up to whole
+cores, at least 1. Without either, 1: the CPU count the process sees is the node's, not its share.
+*/}}
+{{- define "dispatcher.gateway.workers" -}}
+{{- $s := .Values.sender -}}
+{{- if $s.workers -}}
+{{- int $s.workers -}}
+{{- else -}}
+{{- $r := include "dispatcher.resources" $s | fromYaml -}}
+{{- $cpu := toString (dig "requests" "cpu" (dig "limits" "cpu" "" $r) $r) -}}
+{{- if not $cpu -}}
+1
+{{- else if hasSuffix "m" $cpu -}}
+{{- max 1 (divf (trimSuffix "m" $cpu | float64) 1000 | ceil | int) -}}
+{{- else -}}
+{{- max 1 ($cpu | float64 | ceil | int) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret with the key the workers derive per-tenant cache salts from. */}}
+{{- define "dispatcher.cacheSalt.secretName" -}}
+{{- default (printf "%s-cache-salt" (include "dispatcher.fullname" .)) .Values.consumer.config.cacheSaltKey.existingSecret -}}
+{{- end -}}
+
+{{- define "dispatcher.cacheSalt.secretKey" -}}
+{{- if .Values.consumer.config.cacheSaltKey.existingSecret -}}{{ .Values.consumer.config.cacheSaltKey.existingSecretKey }}{{- else -}}cache-salt-key{{- end -}}
+{{- end -}}
+
+{{/* Configured model names, comma-separated (DISPATCHER_MODELS). */}}
+{{- define "dispatcher.modelNames" -}}
+{{- $ctx := dict "root" . -}}
+{{- include "dispatcher.models" $ctx -}}
+{{- $names := list -}}
+{{- range $ctx.models }}{{ $names = append $names .name }}{{ end -}}
+{{- join "," $names -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- vLLM and models */}}
 
 {{- define "dispatcher.vllm.secretName" -}}
@@ -302,6 +467,7 @@ Booleans and maps are taken whole when the model sets them (no deep merge: false
   "maxConcurrency" (ternary $m.maxConcurrency $v.consumer.maxConcurrency (hasKey $m "maxConcurrency"))
   "reservedSlots" (ternary $m.reservedSlots $v.consumer.reservedSlots (hasKey $m "reservedSlots"))
   "priorityScheduling" (ternary $m.priorityScheduling $v.consumer.priorityScheduling (hasKey $m "priorityScheduling"))
+  "rabbitmqSecret" (default "" $m.rabbitmqSecret)
   "nodeSelector" (ternary $m.nodeSelector $is.nodeSelector (hasKey $m "nodeSelector"))
   "tolerations" (ternary $m.tolerations $is.tolerations (hasKey $m "tolerations"))
   "affinity" (ternary $m.affinity $is.affinity (hasKey $m "affinity"))
@@ -320,10 +486,18 @@ Booleans and maps are taken whole when the model sets them (no deep merge: false
 {{- printf "dispatcher.model.%s" .name -}}
 {{- end -}}
 
+{{/* A model's queues (normal and express) as a regex on queue names. */}}
+{{- define "dispatcher.model.queueRegex" -}}
+{{- printf "dispatcher\\.model\\.%s(\\.express)?" (regexQuoteMeta .name) -}}
+{{- end -}}
+
 {{/* Fail early on values the schema cannot express. */}}
 {{- define "dispatcher.validate" -}}
 {{- if not .Values.rabbitmq.enabled -}}
 {{- fail "rabbitmq.enabled must be true: the dispatcher queues every request in RabbitMQ. For an external broker set rabbitmq.internal=false and rabbitmq.host." -}}
+{{- end -}}
+{{- if and .Values.rabbitmq.topologyOperator.enabled (not .Values.rabbitmq.internal) -}}
+{{- fail "rabbitmq.topologyOperator.enabled needs the internal RabbitmqCluster (rabbitmq.internal=true); for an external broker create the users yourself (see the chart README) and set rabbitmq.roleSecrets" -}}
 {{- end -}}
 {{- if and (not .Values.rabbitmq.internal) (not .Values.rabbitmq.auth.existingSecret) (not .Values.rabbitmq.auth.password) -}}
 {{- fail "external RabbitMQ: set rabbitmq.auth.existingSecret, or rabbitmq.auth.user and rabbitmq.auth.password" -}}
