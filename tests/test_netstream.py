@@ -1,21 +1,32 @@
-"""The worker's asyncio network backend under the openai SDK, against the real simulator."""
+"""The worker's HTTP client for the inference server (worker.netstream), against the real simulator."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.stack import Stack
-from worker.netstream import AsyncioBackend
-from worker.vllm import VLLMClient, sse_events
+from tests.stack import Stack, free_port
+from worker.vllm import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamStatusError,
+    VLLMClient,
+    sse_events,
+)
+
+
+def _body(model: str, max_tokens: int, stream: bool = True) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
 
 
 async def _stream(client: VLLMClient, model: str, max_tokens: int) -> list[bytes]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": True}
-    async with client.open("chat/completions", body) as upstream:
+    async with client.open("chat/completions", _body(model, max_tokens)) as upstream:
+        assert upstream.status_code == 200
+        assert upstream.headers["content-type"].startswith("text/event-stream")
         return [event async for event in sse_events(upstream)]
 
 
@@ -24,17 +35,68 @@ async def test_streams_reuse_and_survive_server_closed_connections(tmp_path: Pat
     try:
         stack.start_simulator(max_num_seqs=8, decode_ms=1)
         client = VLLMClient(stack.simulator_url + "/v1", concurrency=8)
-        assert isinstance(client.client._client._transport._pool._network_backend, AsyncioBackend)  # type: ignore[attr-defined]
+        # Keep idle connections past the server's 5 s keep-alive: reuse must notice they were closed.
+        client.http.keepalive_expiry = 60
         try:
             answers = await asyncio.gather(*[_stream(client, stack.model, 5) for _ in range(8)])
             # role chunk + 5 tokens + [DONE], each a whole event
             assert all(len(events) == 7 and events[-1] == b"data: [DONE]\n\n" for events in answers)
-            # uvicorn closes idle keep-alive connections after 5 s: the pool must notice, not fail.
+            assert len(client.http._idle) == 8  # every connection went back to the pool
             await asyncio.sleep(5.5)
             answers = await asyncio.gather(*[_stream(client, stack.model, 3) for _ in range(8)])
             assert all(len(events) == 5 for events in answers)
-            with pytest.raises(openai.NotFoundError):
+        finally:
+            await client.close()
+    finally:
+        stack.close()
+
+
+async def test_status_errors_whole_answers_and_bytes_bodies(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        stack.start_simulator(max_num_seqs=4, decode_ms=1)
+        client = VLLMClient(stack.simulator_url + "/v1", concurrency=4)
+        try:
+            with pytest.raises(UpstreamStatusError) as refused:
                 await _stream(client, "no-such-model", 3)
+            # The SDK's own type, with the server's status and body unchanged.
+            assert isinstance(refused.value, openai.APIStatusError)
+            assert refused.value.status_code == 404
+            assert refused.value.response.content == refused.value.content
+            assert "no-such-model" in json.loads(refused.value.content)["error"]["message"]
+            # The connection that carried the 404 is reused for the next request.
+            raw = json.dumps(_body(stack.model, 4, stream=False)).encode()
+            async with client.open("chat/completions", raw, {"X-Request-Id": "req-1"}) as upstream:
+                answer = json.loads(await upstream.read())
+            assert answer["usage"]["completion_tokens"] == 4
+            assert len(client.http._idle) == 1
+        finally:
+            await client.close()
+    finally:
+        stack.close()
+
+
+async def test_refused_before_answer_and_broken_mid_answer(tmp_path: Path) -> None:
+    nobody = VLLMClient(f"http://127.0.0.1:{free_port()}/v1")
+    try:
+        with pytest.raises(UpstreamConnectError):  # nothing sent back: another server may take it
+            await _stream(nobody, "m", 3)
+    finally:
+        await nobody.close()
+    stack = Stack(tmp_path)
+    try:
+        simulator = stack.start_simulator(max_num_seqs=4, decode_ms=50)
+        client = VLLMClient(stack.simulator_url + "/v1")
+        try:
+            events: list[bytes] = []
+            with pytest.raises(UpstreamBrokenError):  # the answer had started: not a connect error
+                async with client.open("chat/completions", _body(stack.model, 200)) as upstream:
+                    async for event in sse_events(upstream):
+                        events.append(event)
+                        if len(events) == 3:
+                            simulator.kill()
+            assert not isinstance(UpstreamBrokenError("u", "x"), UpstreamConnectError)
+            assert 3 <= len(events) < 200
         finally:
             await client.close()
     finally:

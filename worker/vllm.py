@@ -1,22 +1,44 @@
-"""Calling vLLM through the ``openai`` client, in raw streaming mode (no per-chunk parsing)."""
+"""Calling the inference server (vLLM or any OpenAI-compatible one): raw requests, raw SSE back.
+
+The request path goes through ``worker.netstream`` (a lean HTTP/1.1 client, httptools parsing),
+not the openai SDK: the body is sent as the client wrote it (every vLLM parameter passes), the
+answer is relayed byte for byte, and nothing is parsed per chunk. Errors are the SDK's exception
+types (see ``worker.netstream``), so callers catch ``openai.APIStatusError`` & co. as before.
+"""
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import httpx2  # the openai SDK's own httpx
-import openai
-from openai._response import AsyncAPIResponse  # the type that with_streaming_response yields
+import httpx2  # the openai SDK's own httpx, for the health and metrics probes
+import msgspec
 
-from worker.netstream import http_client
+from worker.netstream import (
+    HTTPClient,
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 
-POOL_SIZE = 64  # connections per HTTP client (see VLLMClient.__init__)
+__all__ = [
+    "UpstreamBrokenError",
+    "UpstreamConnectError",
+    "UpstreamResponse",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "VLLMClient",
+    "sse_events",
+]
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
 _GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
+_encode = msgspec.json.Encoder().encode
 
 
 class VLLMClient:
@@ -26,58 +48,29 @@ class VLLMClient:
         self.base_url = base_url.rstrip("/")
         # vLLM serves /health and /metrics beside /v1, not under it.
         self.root_url = self.base_url.removesuffix("/v1")
-        # One kept-alive connection per concurrent request: the SDK's default pool keeps 100 and caps at
-        # 1,000, so beyond 100 streams every request paid a new TCP connection (CPU on both sides).
-        # The pool scans all its connections whenever a request starts or ends, so connections are
-        # spread over several clients (used in turn) of at most POOL_SIZE each.
-        shards = max(1, math.ceil(concurrency / POOL_SIZE))
-        keep = math.ceil(concurrency / shards)
-        limits = httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=keep + 8)
-        self.clients = [
-            openai.AsyncOpenAI(
-                base_url=self.base_url,
-                api_key=api_key or "EMPTY",
-                max_retries=0,
-                timeout=openai.Timeout(request_timeout, connect=5.0),
-                http_client=http_client(self.base_url, limits),
-            )
-            for _ in range(shards)
-        ]
-        self.client = self.clients[0]
-        self._turns = itertools.cycle(self.clients)
+        # The read timeout applies to each gap between bytes (queueing inside vLLM included), as the SDK's did.
+        # ``concurrency`` is kept for callers: the pool keeps as many connections as requests run at once.
+        self.http = HTTPClient(self.base_url, api_key=api_key or "EMPTY", read_timeout=request_timeout)
         self._probe = httpx2.AsyncClient(timeout=httpx2.Timeout(2.0))
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        await self.http.aclose()
         await self._probe.aclose()
 
-    def open(self, endpoint: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-        """An async context manager yielding the raw response of ``POST /v1/<endpoint>``.
+    def open(
+        self, endpoint: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """An async context manager yielding the ``UpstreamResponse`` of ``POST /v1/<endpoint>``.
 
-        The fields the SDK's signature requires are passed by name, everything else unchanged as
-        ``extra_body``, so every vLLM parameter gets through. Leaving the block closes the HTTP
-        connection, which makes vLLM abort the request.
+        ``body`` is a dict (encoded here) or the JSON bytes themselves (sent unchanged). The response
+        has ``status_code``, ``headers`` (lower-case names), ``iter_bytes()`` and ``read()``; a non-2xx
+        answer raises ``UpstreamStatusError`` on entering. Leaving the block before the answer ended
+        closes the HTTP connection, which makes vLLM abort the request.
         """
-        body = dict(body)
-        client = next(self._turns)
-        kwargs: dict[str, Any] = {"model": body.pop("model")}
-        if "stream" in body:
-            kwargs["stream"] = body.pop("stream")
-        if endpoint == "chat/completions":
-            kwargs["messages"] = body.pop("messages")
-            create = client.chat.completions.with_streaming_response.create
-        elif endpoint == "completions":
-            kwargs["prompt"] = body.pop("prompt")
-            create = client.completions.with_streaming_response.create
-        elif endpoint == "embeddings":
-            kwargs["input"] = body.pop("input")
-            # The SDK would default to base64 and change what the client gets: keep vLLM's default.
-            kwargs["encoding_format"] = body.pop("encoding_format", "float")
-            create = client.embeddings.with_streaming_response.create
-        else:
+        if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}")
-        return create(**kwargs, extra_body=body, extra_headers=headers)
+        data = body if isinstance(body, bytes) else _encode(body)
+        return self.http.post("/" + endpoint, data, headers)
 
     async def healthy(self) -> bool:
         try:
@@ -103,10 +96,13 @@ class VLLMClient:
         return gauges
 
 
-async def sse_events(response: AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
-    """Whole SSE events, each with its trailing blank line, exactly as vLLM sent them."""
+async def sse_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Whole SSE events, each with its trailing blank line, exactly as the server sent them."""
     buffer = b""
     async for chunk in response.iter_bytes():
+        if not buffer and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+            yield chunk  # the usual case: one whole event per chunk
+            continue
         buffer += chunk
         while True:
             end = buffer.find(b"\n\n")
