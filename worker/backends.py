@@ -101,6 +101,8 @@ class Backend:
     loading_statuses: ClassVar[frozenset[int]] = frozenset()
     # No /health at all (404/405): the model list answering is the best readiness sign there is.
     models_fallback: ClassVar[bool] = False
+    # Seconds a health check may take (None: the client's timeout).
+    health_timeout: ClassVar[float | None] = None
 
     def __init__(self, root_url: str, *, priority: bool = False, timeout: float = 2.0) -> None:
         # /health and /metrics live beside /v1, not under it.
@@ -152,7 +154,10 @@ class Backend:
 
     async def health(self) -> tuple[State, str]:
         try:
-            response = await self._http.get(self.root_url + "/health")
+            if self.health_timeout is None:
+                response = await self._http.get(self.root_url + "/health")
+            else:
+                response = await self._http.get(self.root_url + "/health", timeout=self.health_timeout)
         except httpx2.HTTPError as exc:
             return State.DOWN, f"unreachable ({type(exc).__name__})"
         if response.status_code == 200:
@@ -205,7 +210,10 @@ class SGLangBackend(Backend):
     waiting_metrics = ("sglang:num_queue_reqs",)
     kv_metrics = ("sglang:token_usage",)  # share of the KV token pool in use
     supports_priority = True  # needs SGLang started with --enable-priority-scheduling
-    loading_statuses = frozenset({503})  # SGLang answers 503 until its warm-up request has run
+    # /health is /health_generate there: 503 while starting (and when unhealthy or shutting down), else it
+    # runs a one-token generation when idle and answers after about a second.
+    loading_statuses = frozenset({503})
+    health_timeout = 5.0
 
     def priority_value(self, priority: int) -> int | None:
         # SGLang's default order is "higher value first", like ours (unless --schedule-low-priority-values-first).
