@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
+import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import psutil
 
 from tests.stack import Stack
+
+T = TypeVar("T")
 
 
 def chat(user: str, max_tokens: int, *, model: str, stream: bool = True) -> dict[str, Any]:
@@ -112,46 +119,212 @@ async def until(predicate: Any, timeout: float = 15.0, what: str = "condition") 
     raise TimeoutError(what)
 
 
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a real service; ``cut()`` makes the service look down to its clients."""
+class Link:
+    """One proxied connection: a client socket and its upstream socket."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, number: int, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.number = number
+        self.client = client
+        self.upstream = upstream
+        # The client's own port (what the client process holds) and the proxy's port towards the
+        # service (what the service, e.g. RabbitMQ's ``peer_port``, sees).
+        self.client_port: int = client.get_extra_info("peername")[1]
+        self.upstream_port: int = upstream.get_extra_info("sockname")[1]
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.closed = False
+        self.opened_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("flowing" if self.flowing.is_set() else "stalled")
+        return f"<Link {self.number} client:{self.client_port} upstream:{self.upstream_port} {state}>"
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a real service, with faults on demand.
+
+    It runs its own event loop in a thread, so it keeps forwarding while the test's loop is blocked
+    (``Stack.start_worker`` waits synchronously) and can be driven from sync code (the chaos run).
+    Faults, on every connection or on chosen ones (``links_of(pid)``):
+    - ``reset(links)``: close with a TCP RST (``rst=False``: a clean FIN), as a dying load balancer does;
+    - ``stall(links)``/``resume(links)``: stop forwarding both ways without closing, as a black hole does;
+    - ``cut()``/``restore()`` (async, for the existing tests): refuse new connections and reset all.
+    Subclasses may look at the bytes in ``on_data`` (tests/amqp_audit.py records AMQP methods there).
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target_host = target_host
         self.target_port = target_port
         self.port = 0
+        self.links: list[Link] = []
+        self._numbers = 0
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle (sync) ---------------------------------------------------------------------------
+
+    def open(self) -> TcpProxy:
+        """Start the proxy's thread and listen (on the same port again after ``refuse``/``close``)."""
+        if self._loop is None:
+            ready = threading.Event()
+            loop = asyncio.new_event_loop()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._thread = threading.Thread(target=run, name=f"tcp-proxy-{self.target_port}", daemon=True)
+            self._thread.start()
+            ready.wait()
+            self._loop = loop
+        self._call(self._listen())
+        return self
+
+    def close(self) -> None:
+        """Refuse new connections, reset every open one and stop the thread."""
+        if self._loop is None:
+            return
+        self._call(self._refuse())
+        self.reset()
+        self._call(self._cancel_tasks())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._loop.close()
+        self._loop = None
+
+    def refuse(self) -> None:
+        """Stop accepting connections (open ones go on)."""
+        self._call(self._refuse())
+
+    # -- faults (sync) -------------------------------------------------------------------------------
+
+    def live(self) -> list[Link]:
+        return [link for link in self.links if not link.closed]
+
+    def links_of(self, pid: int) -> list[Link]:
+        """The open links whose client is the process ``pid`` (matched by its sockets' local ports)."""
+        ports = {
+            c.laddr.port
+            for c in psutil.Process(pid).net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == self.port
+        }
+        return [link for link in self.live() if link.client_port in ports]
+
+    def reset(self, links: list[Link] | None = None, *, rst: bool = True) -> int:
+        """Close ``links`` (default: all open ones) on both sides; returns how many were open."""
+        chosen = self.live() if links is None else [link for link in links if not link.closed]
+        self._call(self._reset(chosen, rst))
+        return len(chosen)
+
+    def stall(self, links: list[Link] | None = None) -> int:
+        """Stop forwarding on ``links`` (default: all open ones) both ways; sockets stay open."""
+        chosen = self.live() if links is None else links
+        self._call(self._set_flow(chosen, False))
+        return len(chosen)
+
+    def resume(self, links: list[Link] | None = None) -> None:
+        self._call(self._set_flow(self.live() if links is None else links, True))
+
+    # -- the API of the first version, for tests running on the loop ---------------------------------
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await asyncio.to_thread(self.open)
 
     async def cut(self) -> None:
         """Refuse new connections and reset every open one."""
+        await asyncio.to_thread(self._cut_all)
+
+    async def restore(self) -> None:
+        await asyncio.to_thread(self.open)
+
+    def _cut_all(self) -> None:
+        self.refuse()
+        self.reset()
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def on_data(self, link: Link, from_client: bool, data: bytes) -> None:
+        """Called on the proxy's loop with every chunk before it is forwarded."""
+
+    def on_open(self, link: Link) -> None:
+        """Called on the proxy's loop when a connection is established both ways."""
+
+    # -- the proxy's loop ----------------------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None, "the proxy is not open"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _listen(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _refuse(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
 
-    async def restore(self) -> None:
-        await self.start()
+    async def _reset(self, links: list[Link], rst: bool) -> None:
+        for link in links:
+            link.closed = True
+            link.flowing.set()  # a stalled pipe wakes up, sees the link closed and ends
+            for writer in (link.client, link.upstream):
+                _close(writer, rst)
+
+    async def _cancel_tasks(self) -> None:
+        """Let the reset links' pipes end, then cancel what is left (nothing pending when the loop stops)."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _set_flow(self, links: list[Link], flowing: bool) -> None:
+        for link in links:
+            (link.flowing.set if flowing else link.flowing.clear)()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
-            writer.transport.abort()
+            _close(writer, rst=True)
             return
-        self._writers.update((writer, up_writer))
+        self._numbers += 1
+        link = Link(self._numbers, writer, up_writer)
+        self.links.append(link)
+        self.on_open(link)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_client: bool) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    # Checked after the read too: nothing read before a stall passes during it.
+                    await link.flowing.wait()
+                    if link.closed:
+                        break
+                    self.on_data(link, from_client, data)
                     dst.write(data)
                     await dst.drain()
-            with contextlib.suppress(Exception):
-                dst.transport.abort()
+            if not link.closed:  # one side ended: end the other the same way (a clean close stays clean)
+                link.closed = True
+                _close(writer, rst=False)
+                _close(up_writer, rst=False)
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers.difference_update((writer, up_writer))
+        with contextlib.suppress(asyncio.CancelledError):  # closing the proxy: not an error of the handler
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+def _close(writer: asyncio.StreamWriter, rst: bool) -> None:
+    with contextlib.suppress(Exception):
+        if rst:
+            # Linger 0: the kernel answers with an RST instead of a FIN, as a dropped connection does.
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
