@@ -74,7 +74,6 @@ def cmd_worker(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         http_port=args.http_port,
         vllm_priority=args.vllm_priority,
-        backend=args.backend,
     )
     setup_logging(settings.log_level, settings.log_format)
     _run(serve(settings))
@@ -90,7 +89,6 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         decode_ms=args.decode_ms,
         decode_ms_per_seq=args.decode_ms_per_seq,
-        json_style=args.json_style,
     )
 
 
@@ -107,7 +105,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 
 async def _tokens(args: argparse.Namespace) -> None:
-    from dispatcher.tokens import TokenStore, load_sync_file, publish_invalidation
+    from dispatcher.tokens import TokenError, TokenStore, hash_token, load_sync_file, publish_invalidation
 
     settings = CommonSettings()
     store = TokenStore(settings.database_url)
@@ -117,6 +115,7 @@ async def _tokens(args: argparse.Namespace) -> None:
             secret = await store.add(
                 args.name, args.priority, rpm=args.rpm, tpm=args.tpm, max_concurrent=args.max_concurrent
             )
+            changed.append(hash_token(secret))  # gateways may remember it as unknown for a moment
             print(f"Created token {args.name!r} with priority {args.priority}. It is shown only once:")
             print(secret)
         elif args.action == "list":
@@ -131,6 +130,12 @@ async def _tokens(args: argparse.Namespace) -> None:
         elif args.action == "revoke":
             changed.append(await store.revoke(args.name))
             print(f"Revoked token {args.name!r}.")
+        elif args.action == "delete":
+            token_hash = await store.delete(args.name)
+            if token_hash is None:
+                raise TokenError(f"no token named {args.name!r}")
+            changed.append(token_hash)
+            print(f"Deleted token {args.name!r}; the name can be used again.")
         elif args.action == "set-priority":
             changed.append(await store.update(args.name, priority=args.priority))
             print(f"Token {args.name!r} now has priority {args.priority}.")
@@ -141,8 +146,15 @@ async def _tokens(args: argparse.Namespace) -> None:
             print(f"Token {args.name!r} limits updated: {limits}.")
         elif args.action == "sync":
             entries = load_sync_file(Path(args.file).read_text())  # noqa: ASYNC240 (a small file, once)
-            changed.extend(await store.sync(entries))
-            print(f"Synced {len(entries)} tokens from {args.file}.")
+            result = await store.sync(entries, revoke=args.revoke, dry_run=args.dry_run)
+            for label, names in (("add", result.added), ("change", result.changed), ("revoke", result.revoked)):
+                for name in names:
+                    print(f"{'would ' if args.dry_run else ''}{label} {name}")
+            if args.dry_run:
+                print(f"Dry run, nothing written: {result.summary()} ({args.file}).")
+            else:
+                changed.extend(result.hashes)
+                print(f"Synced {len(entries)} tokens from {args.file}: {result.summary()}.")
     finally:
         await store.close()
     await publish_invalidation(settings.redis_url, changed)
@@ -315,11 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pass token priority to vLLM; needs --scheduling-policy priority (DISPATCHER_VLLM_PRIORITY)",
     )
-    p.add_argument(
-        "--backend",
-        choices=("vllm", "sglang", "llamacpp", "generic", "auto"),
-        help="kind of inference server: its load metrics, health and priority (DISPATCHER_BACKEND, default vllm)",
-    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="run the vLLM simulator")
@@ -329,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
     p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
-    p.add_argument("--json-style", choices=("compact", "spaced"), default="compact",
-                   help="compact JSON like vLLM, or spaced (json.dumps default, keys reversed)")  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("tokens", help="manage API tokens")
@@ -348,8 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("set-limits", help="change a token's limits (0 removes one)")
     a.add_argument("name")
     _limit_flags(a)
+    a = actions.add_parser("delete", help="delete a token (revoked or not), so that its name can be used again")
+    a.add_argument("name")
     a = actions.add_parser("sync", help="make the database hold exactly the tokens of a YAML file")
     a.add_argument("file")
+    a.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    a.add_argument(
+        "--no-revoke", dest="revoke", action="store_false", help="keep tokens that are not in the file as they are"
+    )
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("usage", help="totals per token and model from the usage ledger")

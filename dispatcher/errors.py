@@ -9,6 +9,7 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -22,7 +23,8 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | int | None = None) -> bytes:
-    error = {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    error = {"message": message, "type": kind, "param": param, "code": code}
     return _encoder.encode({"error": error})
 
 

@@ -2,7 +2,8 @@
 
 Each process creates only its own set (``gateway_metrics()`` or ``worker_metrics()``), so the
 gateway's ``/metrics`` does not list the worker's series and vice versa. Labels are bounded: model
-(served models only), token *name* (never the secret), outcome, priority (0..10).
+(served models only; a name no worker serves counts as ``unknown``), token *name* (never the secret;
+``""`` when ``DISPATCHER_PER_TOKEN_METRICS=false``), outcome, priority (0..10).
 
 Outcomes: ``ok`` (answered), ``error`` (vLLM, the worker or a timeout failed it), ``cancelled``
 (the client left), and at the gateway ``rejected`` (refused before it was queued: auth, validation,
@@ -12,8 +13,11 @@ unknown model, full queue, rate limit).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from dispatcher.settings import CommonSettings
 
 # Queue wait spans milliseconds (idle) to minutes (a backlog behind a queue timeout of 300 s).
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -23,10 +27,39 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 OUTCOMES = ("ok", "error", "cancelled", "rejected")
 
+# The model label of requests for a model no worker serves: the name itself would let any client
+# create series at will. The gateway's log line carries the name asked for.
+UNKNOWN_MODEL = "unknown"
+
+
+class TokenLabelled:
+    """A metric labelled (model, token, ...) whose token label is blanked when per-token metrics are off.
+
+    Token names are tenant names: an operator who exposes metrics more widely than the tenants may
+    want them gone, and many tenants multiply the series.
+    """
+
+    def __init__(self, metric: Counter, per_token: bool) -> None:
+        self.metric = metric
+        self.per_token = per_token
+
+    @classmethod
+    def counter(cls, per_token: bool, name: str, documentation: str, labels: list[str], **kwargs: Any) -> TokenLabelled:
+        return cls(Counter(name, documentation, labels, **kwargs), per_token)
+
+    def labels(self, model: str, token: str, *rest: str) -> Any:
+        return self.metric.labels(model, token if self.per_token else "", *rest)
+
+
+def _per_token() -> bool:
+    return CommonSettings().per_token_metrics
+
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.requests = Counter(
+    def __init__(self, registry: CollectorRegistry = REGISTRY, per_token: bool | None = None) -> None:
+        per_token = _per_token() if per_token is None else per_token
+        self.requests = TokenLabelled.counter(
+            per_token,
             "dispatcher_requests",
             "Requests the gateway finished, by model, token name and outcome.",
             ["model", "token", "outcome"],
@@ -53,14 +86,23 @@ class GatewayMetrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = TokenLabelled.counter(
+            per_token,
             "dispatcher_prompt_tokens", "Prompt tokens vLLM reported, by model and token name.", ["model", "token"],
             registry=registry,
         )  # fmt: skip
-        self.completion_tokens = Counter(
+        self.completion_tokens = TokenLabelled.counter(
+            per_token,
             "dispatcher_completion_tokens",
             "Completion tokens vLLM reported, by model and token name.",
             ["model", "token"],
+            registry=registry,
+        )
+        self.token_lookups = Counter(
+            "dispatcher_token_lookups",
+            "Token lookups by where they were answered: cache, negative_cache (a recently unknown token), "
+            "redis, sql, or refused (the per-gateway SQL lookup budget for unknown tokens was spent).",
+            ["source"],
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -72,8 +114,10 @@ class GatewayMetrics:
 
 
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.requests = Counter(
+    def __init__(self, registry: CollectorRegistry = REGISTRY, per_token: bool | None = None) -> None:
+        per_token = _per_token() if per_token is None else per_token
+        self.requests = TokenLabelled.counter(
+            per_token,
             "dispatcher_worker_requests",
             "Requests this worker finished, by model, token name and outcome.",
             ["model", "token", "outcome"],
@@ -93,13 +137,15 @@ class WorkerMetrics:
             buckets=ITL_BUCKETS,
             registry=registry,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = TokenLabelled.counter(
+            per_token,
             "dispatcher_worker_prompt_tokens",
             "Prompt tokens vLLM reported to this worker.",
             ["model", "token"],
             registry=registry,
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = TokenLabelled.counter(
+            per_token,
             "dispatcher_worker_completion_tokens",
             "Completion tokens vLLM reported to this worker.",
             ["model", "token"],

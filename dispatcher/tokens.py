@@ -9,7 +9,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
@@ -190,18 +190,21 @@ class TokenStore:
         async with self.engine.connect() as conn:
             return [TokenRow(*row) for row in (await conn.execute(query)).all()]
 
-    async def sync(self, entries: Iterable[SyncEntry]) -> list[str]:
-        """Make the table hold exactly these tokens (others are revoked). Returns changed hashes."""
+    async def sync(self, entries: Iterable[SyncEntry], *, revoke: bool = True, dry_run: bool = False) -> SyncResult:
+        """Make the table hold these tokens: add new ones, update changed ones, and (``revoke``)
+        revoke those not in ``entries``. ``dry_run`` computes the same result and writes nothing."""
         await self.ensure_schema()
         wanted = {entry.name: entry for entry in entries}
-        changed: list[str] = []
+        result = SyncResult()
         async with self.engine.begin() as conn:
-            rows = (await conn.execute(sa.select(tokens_table.c.name, tokens_table.c.token_hash))).all()
-            existing = {row.name: row.token_hash for row in rows}
-            for name, token_hash in existing.items():
-                if name not in wanted:
-                    await conn.execute(tokens_table.update().where(tokens_table.c.name == name).values(revoked=True))
-                    changed.append(token_hash)
+            rows = (await conn.execute(sa.select(tokens_table))).all()
+            existing = {row.name: row for row in rows}
+            writes: list[sa.Executable] = []
+            for name, row in existing.items():
+                if name not in wanted and revoke and not row.revoked:
+                    writes.append(tokens_table.update().where(tokens_table.c.name == name).values(revoked=True))
+                    result.revoked.append(name)
+                    result.hashes.append(row.token_hash)
             for entry in wanted.values():
                 values = {
                     "token_hash": hash_token(entry.token),
@@ -211,14 +214,40 @@ class TokenStore:
                     "max_concurrent": entry.max_concurrent,
                     "revoked": False,
                 }
-                if entry.name in existing:
-                    await conn.execute(tokens_table.update().where(tokens_table.c.name == entry.name).values(**values))
-                    changed.append(existing[entry.name])
-                else:
+                row = existing.get(entry.name)
+                if row is None:
                     created = datetime.now(UTC).replace(tzinfo=None)
-                    await conn.execute(tokens_table.insert().values(name=entry.name, created_at=created, **values))
-                changed.append(values["token_hash"])  # type: ignore[arg-type]
-        return changed
+                    writes.append(tokens_table.insert().values(name=entry.name, created_at=created, **values))
+                    result.added.append(entry.name)
+                elif any(getattr(row, column) != value for column, value in values.items()):
+                    writes.append(tokens_table.update().where(tokens_table.c.name == entry.name).values(**values))
+                    result.changed.append(entry.name)
+                    result.hashes.append(row.token_hash)
+                else:
+                    result.unchanged.append(entry.name)
+                    continue
+                result.hashes.append(str(values["token_hash"]))
+            if not dry_run:
+                for statement in writes:
+                    await conn.execute(statement)
+        return result
+
+
+@dataclass
+class SyncResult:
+    """What ``TokenStore.sync`` did (or would do): token names per change, and the hashes to invalidate."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.added)} added, {len(self.changed)} changed, {len(self.revoked)} revoked, "
+            f"{len(self.unchanged)} unchanged"
+        )
 
 
 class SyncEntry(msgspec.Struct, forbid_unknown_fields=True):

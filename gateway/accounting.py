@@ -31,6 +31,7 @@ class RequestRecord:
     endpoint: str
     started_at: float = field(default_factory=time.monotonic)
     model: str = ""  # set once the model is known to be served (bounded label values)
+    requested_model: str = ""  # the name the client asked for, cut to 64 characters (log line only)
     token: str = ""  # the token's name, once authenticated
     priority: int | None = None
     stream: bool = False
@@ -77,7 +78,7 @@ class RequestRecord:
             extra={
                 "request_id": self.request_id,
                 "endpoint": self.endpoint,
-                "model": self.model,
+                "model": self.requested_model or self.model,
                 "token": self.token,
                 "priority": self.priority,
                 "stream": self.stream,

@@ -17,7 +17,7 @@ from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher.errors import APIError, error_body
-from dispatcher.metrics import gateway_metrics
+from dispatcher.metrics import UNKNOWN_MODEL, gateway_metrics
 from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
 from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT, unix_ms
@@ -25,6 +25,7 @@ from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
 from gateway.limits import RateLimiter
+from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
 from gateway.relay import SSE_HEADERS, Exchange, race_disconnect
 from gateway.requests import parse_head
@@ -44,7 +45,9 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     body = await request.body()
     head = parse_head(endpoint, body)
     model = head.model or ""
+    record.requested_model = model[:64]  # for the log line; metrics get bounded labels only
     if not broker.registry.serves(model):
+        record.model = UNKNOWN_MODEL
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     priority = effective_priority(token, request.headers.get(PRIORITY_HEADER))
     record.model, record.priority, record.stream = model, priority, bool(head.stream) and endpoint != "embeddings"
@@ -206,6 +209,8 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     message = exc.detail or "Request failed."
     if exc.status_code == 404:
         message = "Not found. See /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
     elif exc.status_code == 413:
         message = "The request body is too large."
     return Response(error_body(exc.status_code, message), status_code=exc.status_code, media_type=JSON)
@@ -256,10 +261,15 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         broker = GatewayBroker(settings)
         app.state.update(settings=settings, store=store, auth=auth, broker=broker, limits=limits)
         listener = asyncio.create_task(_listen_for_invalidations(redis, auth)) if redis else None
+        metrics_port = MetricsPort(settings.host, settings.metrics_port) if settings.metrics_port else None
+        if metrics_port is not None:
+            metrics_port.start()
         await broker.start()
         try:
             yield
         finally:
+            if metrics_port is not None:
+                metrics_port.stop()
             if listener:
                 listener.cancel()
             await broker.stop()
@@ -268,8 +278,10 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
                 await redis.aclose()
             await store.close()
 
+    routes = [chat_completions, completions, embeddings, list_models, get_model, health, ready]
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, get_model, health, ready, metrics],
+        # /metrics on the API port only when no metrics port is set (see gateway.metrics_port).
+        route_handlers=[*routes, metrics] if not settings.metrics_port else routes,
         lifespan=[lifespan],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,

@@ -1,6 +1,13 @@
-"""Bearer-token authentication: an in-process TTL cache, then Redis, then SQL.
+"""Bearer-token authentication: in-process caches, then Redis, then SQL.
 
 Tokens are looked up by their sha256; the secret itself is never stored, cached or logged.
+
+A flood of made-up tokens must not push the valid ones out nor reach the database once each, so:
+- valid and unknown tokens live in separate bounded caches (cachetools): misses never evict hits;
+- an unknown token is remembered for ``negative_ttl`` seconds (here and in Redis);
+- lookups that reach SQL for tokens Redis does not know are rate-limited per gateway
+  (``sql_lookups_per_second``): beyond it such a token gets a 503 with ``Retry-After`` and no SQL query.
+  A valid token already in Redis or in this process's cache is answered as usual.
 """
 
 from __future__ import annotations
@@ -10,10 +17,12 @@ import time
 
 import msgspec
 import redis.asyncio as aioredis
+from cachetools import LRUCache, TTLCache
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher.errors import APIError
+from dispatcher.metrics import gateway_metrics
 from dispatcher.tokens import REDIS_KEY, TokenInfo, TokenStore, hash_token
 from dispatcher.wire import MAX_PRIORITY, clamp_priority
 
@@ -28,6 +37,25 @@ _info_decoder = msgspec.json.Decoder(TokenInfo)
 _encoder = msgspec.json.Encoder()
 
 
+class RateBudget:
+    """A token bucket: ``rate`` takes per second, up to ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._level = burst
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level < 1:
+            return False
+        self._level -= 1
+        return True
+
+
 class TokenAuthenticator:
     def __init__(
         self,
@@ -37,13 +65,19 @@ class TokenAuthenticator:
         local_ttl: float = 5.0,
         negative_ttl: float = 2.0,
         redis_ttl: int = 300,
+        max_entries: int = 100_000,
+        sql_lookups_per_second: float = 50.0,
     ) -> None:
         self.store = store
         self.redis = redis
-        self.local_ttl = local_ttl
         self.negative_ttl = negative_ttl
         self.redis_ttl = redis_ttl
-        self._local: dict[str, tuple[float, TokenInfo | None]] = {}
+        self._valid: TTLCache[str, TokenInfo] = TTLCache(max_entries, local_ttl)
+        self._unknown: TTLCache[str, bool] = TTLCache(max_entries, negative_ttl)
+        # The last answer SQL gave for a valid token: served while the database is unreachable.
+        self._known: LRUCache[str, TokenInfo] = LRUCache(max_entries)
+        self._sql_budget = RateBudget(sql_lookups_per_second, burst=max(1.0, sql_lookups_per_second))
+        self._lookups = gateway_metrics().token_lookups
 
     async def authenticate(self, authorization: str | None) -> TokenInfo:
         secret = _bearer(authorization)
@@ -53,44 +87,60 @@ class TokenAuthenticator:
         return info
 
     async def lookup(self, token_hash: str) -> TokenInfo | None:
-        now = time.monotonic()
-        cached = self._local.get(token_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        stale = cached[1] if cached is not None else None
+        info = self._valid.get(token_hash)
+        if info is not None:
+            self._lookups.labels("cache").inc()
+            return info
+        if token_hash in self._unknown:
+            self._lookups.labels("negative_cache").inc()
+            return None
         try:
             info = await self._lookup_shared(token_hash)
         except (SQLAlchemyError, OSError) as exc:  # OSError: the driver could not even connect
+            stale = self._known.get(token_hash)
             if stale is not None:  # the database is down: a token we knew keeps working
                 log.warning("token database unavailable, serving a cached token: %s", type(exc).__name__)
-                self._local[token_hash] = (now + self.local_ttl, stale)
+                self._valid[token_hash] = stale
                 return stale
             raise APIError(503, "The token database is unavailable; try again later.") from exc
-        ttl = self.local_ttl if info is not None else self.negative_ttl
-        if len(self._local) > 100_000:
-            self._local.clear()
-        self._local[token_hash] = (now + ttl, info)
+        if info is None:
+            self._unknown[token_hash] = True
+        else:
+            self._valid[token_hash] = self._known[token_hash] = info
         return info
 
     def invalidate(self, token_hash: str | None = None) -> None:
         if token_hash is None:
-            self._local.clear()
+            self._valid.clear()
+            self._unknown.clear()
+            self._known.clear()
         else:
-            self._local.pop(token_hash, None)
+            for cache in (self._valid, self._unknown, self._known):
+                cache.pop(token_hash, None)
 
     async def _lookup_shared(self, token_hash: str) -> TokenInfo | None:
         if self.redis is not None:
             try:
                 raw = await self.redis.get(REDIS_KEY + token_hash)
                 if raw is not None:
+                    self._lookups.labels("redis").inc()
                     return None if raw == _UNKNOWN else _info_decoder.decode(raw)
             except RedisError as exc:  # Redis is a cache: fall back to SQL
                 log.warning("redis unavailable for token lookup: %s", type(exc).__name__)
+        if not self._sql_budget.take():
+            self._lookups.labels("refused").inc()
+            raise APIError(
+                503,
+                "Too many unknown API keys at once; try again shortly.",
+                code="token_lookups_exhausted",
+                headers={"Retry-After": "1"},
+            )
+        self._lookups.labels("sql").inc()
         info = await self.store.lookup(token_hash)
         if self.redis is not None:
             try:
                 value = _encoder.encode(info) if info is not None else _UNKNOWN
-                ttl = self.redis_ttl if info is not None else int(self.negative_ttl) or 1
+                ttl = self.redis_ttl if info is not None else max(1, round(self.negative_ttl))
                 await self.redis.set(REDIS_KEY + token_hash, value, ex=ttl)
             except RedisError:
                 pass

@@ -1,6 +1,13 @@
-"""Just enough of an OpenAI request to route it; the body itself is forwarded unchanged."""
+"""Just enough of an OpenAI request to route it; the body itself is forwarded unchanged.
+
+The gateway checks the types of the fields that it or the worker reads (``model``, ``stream``,
+``stream_options``, ``max_tokens``/``max_completion_tokens``, the prompt field) and answers 400 in
+OpenAI's shape when one is wrong; every other field goes to vLLM unchanged, for vLLM to judge.
+"""
 
 from __future__ import annotations
+
+import re
 
 import msgspec
 
@@ -10,15 +17,37 @@ from dispatcher.errors import APIError
 REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
 
 
+class StreamOptions(msgspec.Struct):
+    """The options the worker reads; other keys pass through unchecked."""
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
 class RequestHead(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
     input: msgspec.Raw = msgspec.Raw()
 
 
 _decoder = msgspec.json.Decoder(RequestHead)
+
+# msgspec: "Expected `int | null`, got `str` - at `$.max_tokens`"
+_MSGSPEC_ERROR = re.compile(r"Expected `(?P<expected>[^`]+)`, got `(?P<got>[^`]+)`(?: - at `\$\.(?P<path>[^`]+)`)?")
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a decimal number",
+    "bool": "a boolean",
+    "null": "null",
+    "array": "an array",
+    "object": "an object",
+}
 
 
 def parse_head(endpoint: str, body: bytes) -> RequestHead:
@@ -27,8 +56,7 @@ def parse_head(endpoint: str, body: bytes) -> RequestHead:
     try:
         head = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        param = _param_of(str(exc))
-        raise APIError(400, f"Invalid request: {exc}", param=param) from None
+        raise _type_error(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}") from None
     except UnicodeDecodeError:  # msgspec lets invalid UTF-8 inside strings through as this
@@ -44,8 +72,26 @@ def parse_head(endpoint: str, body: bytes) -> RequestHead:
             400, f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter"
         )
     if endpoint == "chat/completions" and not bytes(raw).startswith(b"["):
-        raise APIError(400, "'messages' must be an array.", param="messages", code="invalid_type")
+        raise APIError(400, "Invalid type for 'messages': expected an array.", param="messages", code="invalid_type")
     return head
+
+
+def _type_error(message: str) -> APIError:
+    """An OpenAI-style 400 from msgspec's message, naming the field (``param``) when there is one."""
+    match = _MSGSPEC_ERROR.search(message)
+    if match is None:
+        return APIError(400, f"Invalid request: {message}", param=_param_of(message))
+    path = match["path"]
+    expected = " or ".join(_TYPE_NAMES.get(t, t) for t in match["expected"].split(" | ") if t != "null")
+    got = _TYPE_NAMES.get(match["got"], match["got"])
+    if path is None:  # the body itself
+        return APIError(400, f"Invalid request body: expected {expected}, but got {got} instead.")
+    return APIError(
+        400,
+        f"Invalid type for '{path}': expected {expected}, but got {got} instead.",
+        param=path,
+        code="invalid_type",
+    )
 
 
 def _param_of(message: str) -> str | None:

@@ -110,6 +110,7 @@ class Stack:
             DISPATCHER_LOG_LEVEL="info",
             DISPATCHER_DRAIN_DELAY="0",  # a SIGTERM'd test gateway stops at once (tests that drain set it)
             DISPATCHER_GATEWAY_WORKERS="1",  # one gateway process unless a test asks for more
+            DISPATCHER_METRICS_PORT="0",  # /metrics on the API port, so test gateways never clash on 9091
         )
         env.update(self.env)
         env.update(extra or {})
