@@ -74,6 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         http_port=args.http_port,
         vllm_priority=args.vllm_priority,
+        backend=args.backend,
     )
     setup_logging(settings.log_level, settings.log_format)
     _run(serve(settings))
@@ -89,6 +90,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         decode_ms=args.decode_ms,
         decode_ms_per_seq=args.decode_ms_per_seq,
+        json_style=args.json_style,
     )
 
 
@@ -327,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pass token priority to vLLM; needs --scheduling-policy priority (DISPATCHER_VLLM_PRIORITY)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("vllm", "sglang", "llamacpp", "generic", "auto"),
+        help="kind of inference server: its load metrics, health and priority (DISPATCHER_BACKEND, default vllm)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="run the vLLM simulator")
@@ -336,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
     p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
+    p.add_argument("--json-style", choices=("compact", "spaced"), default="compact",
+                   help="compact JSON like vLLM, or spaced (json.dumps default, keys reversed)")  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("tokens", help="manage API tokens")
