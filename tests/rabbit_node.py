@@ -38,9 +38,11 @@ def available() -> bool:
 
 
 class RabbitNode:
-    def __init__(self, base: Path) -> None:
+    """One node; ``name`` and ``cookie`` let several of them form a cluster (tests/rabbit_cluster.py)."""
+
+    def __init__(self, base: Path, *, name: str | None = None, cookie: str | None = None, config: str = "") -> None:
         self.base = base / f"rabbit-{uuid.uuid4().hex[:8]}"
-        self.name = f"dispatcher-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.name = name or f"dispatcher-test-{uuid.uuid4().hex[:8]}@localhost"
         self.port = _free_port()
         self.dist_port = _free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
@@ -48,14 +50,14 @@ class RabbitNode:
         self.boot_seconds: list[float] = []
         home = self.base / "home"
         home.mkdir(parents=True)
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16))
-        cookie.chmod(0o400)
+        cookie_file = home / ".erlang.cookie"
+        cookie_file.write_text(cookie or secrets.token_hex(16))
+        cookie_file.chmod(0o400)
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
             "loopback_users.guest = true\n"
             "vm_memory_high_watermark.relative = 0.2\n"
-            "disk_free_limit.absolute = 50MB\n"
+            "disk_free_limit.absolute = 50MB\n" + config
         )
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq-env.conf").write_text("")
@@ -135,10 +137,12 @@ class RabbitNode:
         while _port_open(self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def ctl(self, *args: str) -> list[list[str]]:
-        """``rabbitmqctl`` against this node; rows of tab-separated fields."""
+    def ctl(self, *args: str, table: bool = True) -> list[list[str]]:
+        """``rabbitmqctl`` against this node; rows of tab-separated fields (``table=False``: commands
+        such as ``stop_app`` that take no ``--no-table-headers``)."""
+        headers = ["--no-table-headers"] if table else []
         result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, "-q", *args, "--no-table-headers"],
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, "-q", *args, *headers],
             env=self.env,
             capture_output=True,
             text=True,
