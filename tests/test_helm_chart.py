@@ -9,6 +9,7 @@ helm comes from $HELM, .helm/bin/helm (installed by .ci/install-helm.sh) or PATH
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -236,7 +237,9 @@ CASES: dict[str, dict[str, Any]] = {
         },
         "autoscaling": {"enabled": True},
         "sender": {"workers": 3},
-        "consumer": {"config": {"cacheSalt": True, "cacheSaltKey": {"existingSecret": "salt", "existingSecretKey": "k"}}},
+        "consumer": {
+            "config": {"cacheSalt": True, "cacheSaltKey": {"existingSecret": "salt", "existingSecretKey": "k"}}
+        },
     },
     "minimal": {
         "model": "m",
@@ -300,7 +303,14 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
     "duplicate-model-slug": ({"models": [{"name": "a/b"}, {"name": "a-b"}]}, "share the object name"),
     "topology-operator-external": (
-        {"rabbitmq": {"internal": False, "host": "h", "auth": {"user": "u", "password": "p"}, "topologyOperator": {"enabled": True}}},
+        {
+            "rabbitmq": {
+                "internal": False,
+                "host": "h",
+                "auth": {"user": "u", "password": "p"},
+                "topologyOperator": {"enabled": True},
+            }
+        },
         "needs the internal RabbitmqCluster",
     ),
 }
@@ -417,8 +427,16 @@ def expected_models(case: str) -> list[dict[str, Any]]:
 # Settings of the contract that dispatcher/settings.py may not read yet (added by other work in progress);
 # remove a name from here once settings.py has it.
 PENDING_SETTINGS = frozenset(
-    "DISPATCHER_" + n
-    for n in "QUEUE_TYPE MODELS METRICS_PORT GATEWAY_WORKERS BACKEND CACHE_SALT CACHE_SALT_KEY PRIORITY_HEADROOM".split()
+    {
+        "DISPATCHER_QUEUE_TYPE",
+        "DISPATCHER_MODELS",
+        "DISPATCHER_METRICS_PORT",
+        "DISPATCHER_GATEWAY_WORKERS",
+        "DISPATCHER_BACKEND",
+        "DISPATCHER_CACHE_SALT",
+        "DISPATCHER_CACHE_SALT_KEY",
+        "DISPATCHER_PRIORITY_HEADROOM",
+    }
 )
 
 
@@ -732,7 +750,10 @@ CRD_SCHEMAS = {
             "additionalProperties": False,
             "required": ["rabbitmqClusterReference"],
             "properties": {
-                "tags": {"type": "array", "items": {"enum": ["management", "policymaker", "monitoring", "administrator"]}},
+                "tags": {
+                    "type": "array",
+                    "items": {"enum": ["management", "policymaker", "monitoring", "administrator"]},
+                },
                 "rabbitmqClusterReference": CLUSTER_REF,
                 "importCredentialsSecret": {"type": "object", "required": ["name"]},
             },
@@ -1366,3 +1387,494 @@ def test_express_priorities_reach_gateway_workers_and_keda(helm: str) -> None:
     (scaled,) = objects(docs, "ScaledObject")
     queues = [trigger["metadata"]["queueName"] for trigger in scaled["spec"]["triggers"]]
     assert queues == ["dispatcher.model.org/express-model", "dispatcher.model.org/express-model.express"]
+
+
+# ----------------------------------------------------------------------------- brokers, queues, least privilege
+
+
+def render(helm_bin: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    proc = _run_helm(helm_bin, "template", values)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def gateway_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return env_map(container(gateway(docs)["spec"]["template"]["spec"], "gateway"))
+
+
+def worker_envs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Model name -> env of its worker."""
+    return {
+        d["spec"]["template"]["metadata"]["annotations"]["dispatcher.io/model-name"]: env_map(
+            container(d["spec"]["template"]["spec"], "worker")
+        )
+        for d in model_deployments(docs)
+    }
+
+
+def test_rabbitmq_image_is_pinned_to_4x(rendered, helm: str) -> None:
+    for case, docs in rendered.items():
+        for cluster in objects(docs, "RabbitmqCluster"):
+            image = cluster["spec"]["image"]
+            assert re.fullmatch(r"rabbitmq:4\.[0-3]\.\d+-management", image), (case, image)
+    # The old spelling still wins when set.
+    (cluster,) = objects(
+        render(helm, {"rabbitmq": {"cluster": {"image": "rabbitmq:4.0.9-management"}}}), "RabbitmqCluster"
+    )
+    assert cluster["spec"]["image"] == "rabbitmq:4.0.9-management"
+    readme = (CHART / "README.md").read_text()
+    assert "4.0" in readme and "4.3" in readme and "3.10" in readme and "3.13" in readme
+
+
+def test_queue_settings_reach_gateway_and_every_worker(rendered) -> None:
+    for case, docs in rendered.items():
+        v = merged(case)
+        envs = [gateway_env(docs), *worker_envs(docs).values()]
+        for env in envs:
+            assert env["DISPATCHER_QUEUE_TYPE"] == v["queue"]["type"], case
+            # One value, same length for whoever declares the queue first.
+            assert env["DISPATCHER_MAX_QUEUE_LENGTH"] == str(v["sender"]["config"]["maxQueueLength"]), case
+            assert env["DISPATCHER_PER_TOKEN_METRICS"] == str(v["metrics"]["perTokenLabels"]).lower(), case
+    assert gateway_env(rendered["topology-operator-quorum"])["DISPATCHER_QUEUE_TYPE"] == "quorum"
+    assert gateway_env(rendered["defaults"])["DISPATCHER_QUEUE_TYPE"] == "classic"
+
+
+def test_amqp_url_lists_every_broker_host(rendered) -> None:
+    # External cluster: one URL per host (failover), default port where none is given.
+    docs = rendered["external-cluster-role-secrets"]
+    creds = "$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)"
+    expected = ",".join(f"amqp://{creds}@{h}/" for h in ("rabbit-0.mq:5672", "rabbit-1.mq:5673", "rabbit-2.mq:5672"))
+    for env in (gateway_env(docs), *worker_envs(docs).values()):
+        assert env["DISPATCHER_AMQP_URL"] == expected
+        assert env["DISPATCHER_USAGE_STREAM_URL"] == f"rabbitmq-stream://{creds}@rabbit-0.mq:5552/"
+    for scaled in objects(docs, "ScaledObject"):
+        assert {t["metadata"]["host"] for t in scaled["spec"]["triggers"]} == {"amqp://rabbit-0.mq:5672/"}
+    # Internal cluster of 3 nodes: its Service balances, one URL.
+    env = gateway_env(rendered["topology-operator-quorum"])
+    assert env["DISPATCHER_AMQP_URL"] == f"amqp://{creds}@{FULLNAME}-rabbitmq.{NAMESPACE}.svc:5672/%2Fllm"
+
+
+def test_metrics_have_their_own_port_that_the_ingress_never_routes(rendered) -> None:
+    for case, docs in rendered.items():
+        v = merged(case)
+        gw = container(gateway(docs)["spec"]["template"]["spec"], "gateway")
+        ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+        env = env_map(gw)
+        assert env["DISPATCHER_METRICS_PORT"] == str(ports["metrics"]) == str(v["sender"]["metricsPort"]), case
+        assert env["DISPATCHER_PORT"] == str(ports["http"]) and ports["http"] != ports["metrics"]
+        api = one(docs, "Service", f"{FULLNAME}-gateway")
+        assert [p["targetPort"] for p in api["spec"]["ports"]] == ["http"], case
+        metrics = one(docs, "Service", f"{FULLNAME}-gateway-metrics")
+        assert metrics["spec"]["type"] == "ClusterIP"
+        assert [(p["name"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [("metrics", "metrics")]
+        for ingress in objects(docs, "Ingress"):
+            for rule in ingress["spec"]["rules"]:
+                for path in rule["http"]["paths"]:
+                    assert path["backend"]["service"] == {"name": api["metadata"]["name"], "port": {"name": "http"}}
+    assert gateway_env(rendered["defaults"])["DISPATCHER_METRICS_PORT"] == "9091"
+    docs = rendered["topology-operator-quorum"]
+    assert one(docs, "ServiceMonitor", f"{FULLNAME}-gateway")["spec"]["endpoints"][0]["port"] == "metrics"
+    assert all(env["DISPATCHER_PER_TOKEN_METRICS"] == "false" for env in worker_envs(docs).values())
+
+
+def test_tokens_job_broadcasts_revocations_through_redis(rendered) -> None:
+    for case in ("one-model-postgresql-ingress", "external-rabbitmq-postgresql-redis", "external-existing-secrets"):
+        docs = rendered[case]
+        job = env_map(container(one(docs, "Job", f"{FULLNAME}-tokens-sync")["spec"]["template"]["spec"], "tokens-sync"))
+        gw = gateway_env(docs)
+        assert job["DISPATCHER_REDIS_URL"] == gw["DISPATCHER_REDIS_URL"], case
+        assert job["REDIS_PASSWORD"] == gw["REDIS_PASSWORD"], case  # the same secretKeyRef
+    # Redis off: neither has it.
+    docs = render_cached("tokens-without-redis")
+    job = env_map(container(one(docs, "Job", f"{FULLNAME}-tokens-sync")["spec"]["template"]["spec"], "tokens-sync"))
+    assert "DISPATCHER_REDIS_URL" not in job and "DISPATCHER_REDIS_URL" not in gateway_env(docs)
+
+
+EXTRA_RENDERS: dict[str, dict[str, Any]] = {
+    "tokens-without-redis": {"model": "m", "tokens": TOKENS, "redis": {"enabled": False}},
+}
+
+
+@cache
+def render_cached(name: str) -> list[dict[str, Any]]:
+    helm_bin = _find_helm()
+    assert helm_bin
+    return render(helm_bin, EXTRA_RENDERS[name])
+
+
+# sender values -> DISPATCHER_GATEWAY_WORKERS: the CPU request rounded up to whole cores, at least 1.
+GATEWAY_WORKERS = [
+    ({}, "1"),  # the default request, 250m
+    ({"resources": {"requests": {"cpu": "1500m"}}}, "2"),
+    ({"resources": {"requests": {"cpu": 2}}}, "2"),
+    ({"resources": {"requests": {"cpu": "0.5"}}}, "1"),
+    ({"resources": {"requests": {"cpu": "2.1"}}}, "3"),
+    ({"resources": {"requests": {"cpu": None}, "limits": {"cpu": "4"}}}, "4"),  # Kubernetes: request = limit
+    ({"resources": {"requests": {"cpu": None}}}, "1"),  # no CPU figure: not the node's core count
+    ({"ressources": {"requests": {"cpu": "3"}}}, "3"),  # the old spelling
+    ({"resources": {"requests": {"cpu": "8"}}, "workers": 2}, "2"),  # explicit value wins
+]
+
+
+def test_gateway_processes_follow_the_cpu_request(helm: str) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        docs = list(pool.map(lambda case: render(helm, {"sender": case[0]}), GATEWAY_WORKERS))
+    got = [gateway_env(d)["DISPATCHER_GATEWAY_WORKERS"] for d in docs]
+    assert got == [expected for _, expected in GATEWAY_WORKERS]
+
+
+def permissions_by_role(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Role (gateway, worker:<slug>, keda, ledger-reader) -> {configure, write, read} of its Permission."""
+    out = {}
+    for perm in objects(docs, "Permission"):
+        labels = perm["metadata"]["labels"]
+        role = labels["dispatcher.io/rabbitmq-role"]
+        if role == "worker":
+            role = f"worker:{labels['dispatcher.io/model']}"
+        out[role] = perm["spec"]["permissions"]
+    return out
+
+
+def allowed(regex: str, name: str) -> bool:
+    # RabbitMQ matches permissions with re:run (PCRE); these regexes use the common subset.
+    return re.search(regex, name) is not None
+
+
+def test_each_role_has_its_own_user_and_least_permissions(rendered) -> None:
+    docs = rendered["topology-operator-quorum"]
+    perms = permissions_by_role(docs)
+    assert set(perms) == {
+        "gateway",
+        "worker:meta-llama-llama-3-1-8b-instruct",
+        "worker:qwen-coder",
+        "keda",
+        "ledger-reader",
+    }
+    users = {u["metadata"]["name"] for u in objects(docs, "User")}
+    for perm in objects(docs, "Permission"):
+        assert perm["spec"]["userReference"]["name"] in users
+        assert perm["spec"]["vhost"] == "/llm"
+    assert all("tags" not in u["spec"] for u in objects(docs, "User"))  # no management access
+    (vhost,) = objects(docs, "Vhost")
+    assert vhost["spec"]["name"] == "/llm"
+
+    llama, qwen = TOPOLOGY_MODELS
+    queues = {m: (f"dispatcher.model.{m}", f"dispatcher.model.{m}.express") for m in TOPOLOGY_MODELS}
+    every_queue = [q for pair in queues.values() for q in pair]
+    control, own_queue, reply_to = "dispatcher.control", "amq.gen-Xq3_k2", "amq.rabbitmq.reply-to"
+
+    gw = perms["gateway"]
+    # Declares the configured models' queues (requests wait there with no worker), its control queue.
+    assert all(allowed(gw["configure"], q) for q in [*every_queue, control, own_queue, "usage"])
+    assert not any(allowed(gw["configure"], q) for q in ("dispatcher.model.other", "dispatcher.model.qwenncoder"))
+    # Publishes through the default exchange and the control fanout; binds its exclusive queue.
+    assert all(allowed(gw["write"], x) for x in ("amq.default", control, own_queue, "usage"))
+    assert not any(allowed(gw["write"], q) for q in every_queue)
+    # Reads replies and control messages, never a model's prompts.
+    assert all(allowed(gw["read"], x) for x in (reply_to, control, own_queue))
+    assert not any(allowed(gw["read"], q) for q in [*every_queue, "usage"])
+
+    for model, slug in ((llama, "meta-llama-llama-3-1-8b-instruct"), (qwen, "qwen-coder")):
+        wk = perms[f"worker:{slug}"]
+        others = [q for m, pair in queues.items() if m != model for q in pair]
+        assert all(allowed(wk["read"], q) and allowed(wk["configure"], q) for q in queues[model]), model
+        assert not any(allowed(wk["read"], q) or allowed(wk["configure"], q) for q in others), model
+        assert not allowed(wk["read"], f"{queues[model][0]}.other") and not allowed(wk["read"], reply_to)
+        assert all(allowed(wk["write"], x) for x in ("amq.default", control, own_queue, "usage"))
+        assert allowed(wk["read"], control) and allowed(wk["read"], own_queue)
+        assert not allowed(wk["read"], "usage")  # writes its usage records, reads nobody's
+
+    assert perms["keda"] == {"configure": "^$", "write": "^$", "read": "^$"}  # queue depth: passive declare
+    assert perms["ledger-reader"] == {"configure": "^$", "write": "^$", "read": "^(usage)$"}
+
+
+def test_each_deployment_reads_its_own_role_secret(rendered) -> None:
+    def creds(env: dict[str, Any]) -> set[str]:
+        return {env[k]["secretKeyRef"]["name"] for k in ("RABBITMQ_USERNAME", "RABBITMQ_PASSWORD")}
+
+    docs = rendered["topology-operator-quorum"]
+    assert creds(gateway_env(docs)) == {f"{FULLNAME}-amqp-gateway-user-credentials"}
+    for d in model_deployments(docs):
+        slug = d["metadata"]["labels"]["dispatcher.io/model"]
+        assert creds(env_map(container(d["spec"]["template"]["spec"], "worker"))) == {
+            f"{FULLNAME}-amqp-worker-{slug}-user-credentials"
+        }
+    (auth,) = objects(docs, "TriggerAuthentication")
+    assert {r["name"] for r in auth["spec"]["secretTargetRef"]} == {f"{FULLNAME}-amqp-keda-user-credentials"}
+    user_secrets = {f"{u['metadata']['name']}-user-credentials" for u in objects(docs, "User")}
+    every_ref = {r["name"] for r in auth["spec"]["secretTargetRef"]} | creds(gateway_env(docs))
+    every_ref |= {n for env in worker_envs(docs).values() for n in creds(env)}
+    assert every_ref <= user_secrets and f"{FULLNAME}-rabbitmq-default-user" not in every_ref
+
+    # Without the operator: the role Secrets given, per model where set, else the shared user.
+    docs = rendered["external-cluster-role-secrets"]
+    assert creds(gateway_env(docs)) == {"gw-amqp"}
+    assert {m: creds(env) for m, env in worker_envs(docs).items()} == {"m1": {"worker-amqp"}, "m2": {"m2-amqp"}}
+    assert {r["name"] for r in objects(docs, "TriggerAuthentication")[0]["spec"]["secretTargetRef"]} == {
+        f"{FULLNAME}-rabbitmq"
+    }
+    docs = rendered["defaults"]
+    assert creds(gateway_env(docs)) == {f"{FULLNAME}-rabbitmq-default-user"}
+    assert not objects(docs, "User") and not objects(docs, "Permission") and not objects(docs, "Policy")
+
+
+def test_one_policy_owns_the_queue_length(rendered) -> None:
+    docs = rendered["topology-operator-quorum"]
+    (policy,) = objects(docs, "Policy")
+    spec = policy["spec"]
+    assert spec["definition"] == {"max-length": 2500, "overflow": "reject-publish"}
+    assert spec["applyTo"] == "queues" and spec["vhost"] == "/llm"
+    for model in TOPOLOGY_MODELS:
+        assert allowed(spec["pattern"], f"dispatcher.model.{model}")
+        assert allowed(spec["pattern"], f"dispatcher.model.{model}.express")
+    assert not allowed(spec["pattern"], "dispatcher.control") and not allowed(spec["pattern"], "usage")
+    # The value the Policy applies is the one gateway and workers declare with.
+    for env in (gateway_env(docs), *worker_envs(docs).values()):
+        assert env["DISPATCHER_MAX_QUEUE_LENGTH"] == "2500"
+
+
+def test_scale_from_zero_can_activate(rendered) -> None:
+    for case, docs in rendered.items():
+        v = merged(case)
+        models = [m["name"] for m in expected_models(case)]
+        env = gateway_env(docs)
+        # The gateway declares every configured model's queue, so requests wait there with no worker.
+        assert env["DISPATCHER_MODELS"] == ",".join(models), case
+        declared = {f"dispatcher.model.{m}" for m in models}
+        if int(v["config"]["expressPriority"]) <= 10:
+            declared |= {f"{q}.express" for q in declared}
+        for scaled in objects(docs, "ScaledObject"):
+            for trigger in scaled["spec"]["triggers"]:
+                meta = trigger["metadata"]
+                assert meta["queueName"] in declared, (case, meta["queueName"])
+                # Active as soon as more than activationValue messages wait: the first request wakes it.
+                assert int(meta["activationValue"]) == v["autoscaling"]["activationQueueLength"] >= 0
+                assert int(meta["value"]) >= 1
+    docs = rendered["topology-operator-quorum"]
+    zero = one(docs, "ScaledObject", f"{FULLNAME}-meta-llama-llama-3-1-8b-instruct")
+    assert zero["spec"]["minReplicaCount"] == 0
+    assert [t["metadata"]["activationValue"] for t in zero["spec"]["triggers"]] == ["0", "0"]
+
+
+def test_worker_priority_backend_and_cache_salt(rendered) -> None:
+    for env in worker_envs(rendered["one-model-postgresql-ingress"]).values():
+        assert env["DISPATCHER_PRIORITY_HEADROOM"] == "auto" and env["DISPATCHER_BACKEND"] == "vllm"
+        assert env["DISPATCHER_CACHE_SALT"] == "false" and "DISPATCHER_CACHE_SALT_KEY" not in env
+        assert env["DISPATCHER_RESERVED_SLOTS"] == "0" and env["DISPATCHER_EXPRESS_PRIORITY"] == "11"
+    docs = rendered["topology-operator-quorum"]
+    secret = one(docs, "Secret", f"{FULLNAME}-cache-salt")
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", base64.b64decode(secret["data"]["cache-salt-key"]).decode())
+    for env in worker_envs(docs).values():
+        assert env["DISPATCHER_PRIORITY_HEADROOM"] == "4" and env["DISPATCHER_BACKEND"] == "auto"
+        assert env["DISPATCHER_CACHE_SALT"] == "true"
+        assert env["DISPATCHER_CACHE_SALT_KEY"]["secretKeyRef"] == {
+            "name": f"{FULLNAME}-cache-salt",
+            "key": "cache-salt-key",
+        }
+        assert env["DISPATCHER_EXPRESS_PRIORITY"] == "8"
+    assert "DISPATCHER_CACHE_SALT_KEY" not in gateway_env(docs)  # only the workers salt
+    docs = rendered["external-cluster-role-secrets"]
+    assert not [s for s in objects(docs, "Secret") if s["metadata"]["name"].endswith("cache-salt")]
+    for env in worker_envs(docs).values():
+        assert env["DISPATCHER_CACHE_SALT_KEY"]["secretKeyRef"] == {"name": "salt", "key": "k"}
+
+
+def test_readme_values_tables_are_generated_from_values_yaml() -> None:
+    sys.path.insert(0, str(CHART.parent))
+    try:
+        import readme_values
+    finally:
+        sys.path.pop(0)
+    readme = (CHART / "README.md").read_text()
+    assert readme.endswith(readme_values.tables((CHART / "values.yaml").read_text())), (
+        "run: python deploy/helm/readme_values.py"
+    )
+
+
+# ----------------------------------------------------------------------------- the permissions on a real broker
+
+
+def _rabbitmqctl(*args: str) -> None:
+    proc = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _password_hash(password: str) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    import hashlib
+    import secrets
+
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+async def _connect(url: str) -> Any:
+    """Connect, waiting out the definition import (rabbitmqctl starts it asynchronously)."""
+    import aio_pika
+    import aiormq
+
+    for _ in range(50):
+        try:
+            return await aio_pika.connect(url)
+        except aiormq.exceptions.AMQPConnectionError:  # the user or vhost does not exist yet
+            await asyncio.sleep(0.1)
+    return await aio_pika.connect(url)
+
+
+async def _exercise_permissions(url: str, perms_users: dict[str, str]) -> dict[str, bool]:
+    """Run each role's AMQP operations against the broker as that role's user: operation -> succeeded."""
+    import aio_pika
+    import aiormq
+
+    llama, qwen = (f"dispatcher.model.{m}" for m in TOPOLOGY_MODELS)
+    args = {"x-max-priority": 10}
+    results: dict[str, bool] = {}
+    conns = {role: await _connect(url.format(user=user)) for role, user in perms_users.items()}
+
+    async def get_one(channel: Any, name: str) -> Any:
+        queue = await channel.get_queue(name, ensure=False)
+        return await queue.get(fail=False)
+
+    async def attempt(name: str, role: str, op: Any) -> Any:
+        channel = await conns[role].channel()
+        try:
+            value = await op(channel)
+        except (aiormq.exceptions.ChannelAccessRefused, aio_pika.exceptions.ChannelClosed) as exc:
+            assert "ACCESS_REFUSED" in str(exc) or isinstance(exc, aiormq.exceptions.ChannelAccessRefused), exc
+            results[name] = False
+            return None
+        results[name] = True
+        return value
+
+    try:
+        # Gateway: declares every configured model's queues, the control fanout and its own queue.
+        for queue in (llama, f"{llama}.express", qwen):
+            await attempt(
+                f"gateway declares {queue}",
+                "gateway",
+                lambda ch, q=queue: ch.declare_queue(q, durable=True, arguments=args),
+            )
+        await attempt(
+            "gateway declares an unconfigured model",
+            "gateway",
+            lambda ch: ch.declare_queue("dispatcher.model.x", durable=True),
+        )
+
+        async def control(ch: Any) -> None:
+            exchange = await ch.declare_exchange("dispatcher.control", aio_pika.ExchangeType.FANOUT, durable=True)
+            queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange)
+            await exchange.publish(aio_pika.Message(b"hello"), routing_key="")
+
+        await attempt("gateway uses dispatcher.control", "gateway", control)
+        await attempt("worker uses dispatcher.control", "worker", control)
+
+        # Gateway: publishes a request on the default exchange with direct reply-to, and gets the reply.
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        gw = await conns["gateway"].channel(publisher_confirms=True)
+        reply_to = await gw.get_queue("amq.rabbitmq.reply-to", ensure=False)
+
+        async def on_reply(message: Any) -> None:
+            replies.put_nowait(message.body)
+
+        await reply_to.consume(on_reply, no_ack=True)
+        await gw.default_exchange.publish(
+            aio_pika.Message(b"request", reply_to="amq.rabbitmq.reply-to", priority=5), routing_key=llama
+        )
+        results["gateway publishes and reads replies"] = True
+
+        # Worker of the first model: consumes its queue and replies on the default exchange.
+        worker = await conns["worker"].channel()
+        own = await worker.declare_queue(llama, durable=True, arguments=args)
+        message = await own.get(timeout=5)
+        await worker.default_exchange.publish(aio_pika.Message(b"reply"), routing_key=message.reply_to, mandatory=False)
+        await message.ack()
+        results["worker consumes its own queue and replies"] = await asyncio.wait_for(replies.get(), 5) == b"reply"
+        await attempt(
+            "worker reads its express queue",
+            "worker",
+            lambda ch: ch.declare_queue(f"{llama}.express", durable=True, arguments=args),
+        )
+
+        # What each role must not do.
+        await attempt("worker reads another model's queue", "worker", lambda ch: get_one(ch, qwen))
+        await attempt(
+            "worker declares another model's queue",
+            "worker",
+            lambda ch: ch.declare_queue(qwen, durable=True, arguments=args),
+        )
+        await attempt("gateway reads a model's queue", "gateway", lambda ch: get_one(ch, llama))
+
+        # KEDA: the queue depth through a passive declare, with no permission at all.
+        async def depth(ch: Any) -> int:
+            return (await ch.declare_queue(llama, passive=True)).declaration_result.message_count
+
+        results["keda reads the queue depth"] = await attempt("keda depth", "keda", depth) == 0
+        await attempt("keda reads a message", "keda", lambda ch: get_one(ch, llama))
+    finally:
+        for conn in conns.values():
+            await conn.close()
+    return results
+
+
+def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
+    """The Permission regexes applied with rabbitmqctl to the local RabbitMQ, then exercised over AMQP."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl not available")
+    import secrets
+
+    perms = permissions_by_role(rendered["topology-operator-quorum"])
+    roles = {
+        "gateway": perms["gateway"],
+        "worker": perms["worker:meta-llama-llama-3-1-8b-instruct"],
+        "keda": perms["keda"],
+    }
+    suffix = secrets.token_hex(4)
+    vhost, password = f"chart-perms-{suffix}", secrets.token_hex(16)
+    users = {role: f"chart-{role}-{suffix}" for role in roles}
+    # One rabbitmqctl call to set up (each costs seconds), one to clean up.
+    definitions = {
+        "vhosts": [{"name": vhost}],
+        "users": [
+            {
+                "name": u,
+                "password_hash": _password_hash(password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }
+            for u in users.values()
+        ],
+        "permissions": [{"user": users[role], "vhost": vhost, **p} for role, p in roles.items()],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as fh:
+        json.dump(definitions, fh)
+        fh.flush()
+        os.chmod(fh.name, 0o644)  # the broker reads the file itself
+        _rabbitmqctl("import_definitions", fh.name)
+    try:
+        url = f"amqp://{{user}}:{password}@127.0.0.1:5672/{vhost}"
+        results = asyncio.run(_exercise_permissions(url, users))
+    finally:
+        names = ", ".join(f'<<"{u}">>' for u in users.values())
+        _rabbitmqctl(
+            "eval",
+            f'rabbit_vhost:delete(<<"{vhost}">>, <<"chart-test">>), '
+            f'[rabbit_auth_backend_internal:delete_user(U, <<"chart-test">>) || U <- [{names}]], ok.',
+        )
+    assert results == {
+        f"gateway declares dispatcher.model.{TOPOLOGY_MODELS[0]}": True,
+        f"gateway declares dispatcher.model.{TOPOLOGY_MODELS[0]}.express": True,
+        f"gateway declares dispatcher.model.{TOPOLOGY_MODELS[1]}": True,
+        "gateway declares an unconfigured model": False,
+        "gateway uses dispatcher.control": True,
+        "worker uses dispatcher.control": True,
+        "gateway publishes and reads replies": True,
+        "worker consumes its own queue and replies": True,
+        "worker reads its express queue": True,
+        "worker reads another model's queue": False,
+        "worker declares another model's queue": False,
+        "gateway reads a model's queue": False,
+        "keda depth": True,
+        "keda reads the queue depth": True,
+        "keda reads a message": False,
+    }
