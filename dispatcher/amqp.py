@@ -6,6 +6,9 @@ exactly once, on channels we know. Here every (re)connection is a fresh connecti
 owner's ``setup`` builds everything again, and ``lost`` is told when it goes away, so requests in
 flight can be failed or abandoned explicitly. The loop also makes start-up independent of the
 broker: a pod may start before RabbitMQ does.
+
+A link is given one or more URLs (the nodes of a cluster, or one load-balanced address) and
+moves on to the next one whenever a connection fails or is lost.
 """
 
 from __future__ import annotations
@@ -22,11 +25,25 @@ log = logging.getLogger("dispatcher.amqp")
 
 Setup = Callable[[AbstractConnection], Awaitable[None]]
 
+# AMQP heartbeat (s): a link that stalls without closing (a dead peer, a black-holing proxy) is
+# noticed after about two of these, rather than the broker's default of 60 s.
+HEARTBEAT = 5
+
+
+def split_urls(urls: str | list[str]) -> list[str]:
+    """``DISPATCHER_AMQP_URL`` may list several nodes, comma-separated."""
+    if isinstance(urls, str):
+        urls = urls.split(",")
+    found = [url.strip() for url in urls if url.strip()]
+    if not found:
+        raise ValueError("no AMQP URL given")
+    return found
+
 
 class BrokerLink:
     def __init__(
         self,
-        url: str,
+        urls: str | list[str],
         name: str,
         setup: Setup,
         lost: Callable[[], None],
@@ -34,7 +51,9 @@ class BrokerLink:
         min_delay: float = 0.2,
         max_delay: float = 5.0,
     ) -> None:
-        self.url = url
+        self.urls = split_urls(urls)
+        # Spread the processes of a deployment over the nodes; each moves on when its node fails.
+        self._next_url = hash(name) % len(self.urls)
         self.name = name
         self.setup = setup
         self.lost = lost
@@ -53,13 +72,6 @@ class BrokerLink:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def wait_connected(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def close(self) -> None:
         self._closing = True
@@ -89,11 +101,13 @@ class BrokerLink:
         while not self._closing:
             gone = asyncio.Event()
             self._gone = gone
+            url = self.urls[self._next_url % len(self.urls)]
             try:
                 connection = await aio_pika.connect(
-                    self.url, timeout=10, client_properties={"connection_name": self.name}
+                    url, timeout=10, heartbeat=HEARTBEAT, client_properties={"connection_name": self.name}
                 )
             except Exception as exc:  # refused, reset, timeout, auth...: all mean "not yet"
+                self._next_url += 1
                 log.warning("%s: cannot reach the message broker (%s); retrying in %.1fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_delay)
@@ -102,6 +116,7 @@ class BrokerLink:
             try:
                 await self.setup(connection)
             except Exception as exc:
+                self._next_url += 1
                 log.warning("%s: setting up the broker connection failed: %s", self.name, exc)
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -119,6 +134,7 @@ class BrokerLink:
             self.connection = None
             if self._closing:
                 return
+            self._next_url += 1  # its node may be the one that failed
             log.warning("%s: lost the message broker connection", self.name)
             try:
                 self.lost()
@@ -133,12 +149,33 @@ def _setter(event: asyncio.Event) -> Callable[..., None]:
     return lambda *_: event.set()
 
 
+async def declare_model_queue(connection: AbstractConnection, name: str, arguments: dict[str, int | str]) -> str:
+    """Declare a model queue with our arguments; if it exists with others (a changed length, another
+    queue type), use it as it is and say clearly what to do, rather than failing forever."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        log.error(
+            "queue %s exists with other arguments than %s (%s): using it as it is. Change its length with "
+            "a policy (rabbitmqctl set_policy ... '{\"max-length\": N}' --apply-to queues), or delete it "
+            "to change its type.",
+            name,
+            arguments,
+            exc,
+        )
+        channel = await connection.channel()
+        await channel.declare_queue(name, passive=True)
+    await channel.close()
+    return name
+
+
 async def delete_model_queue(url: str, model: str) -> None:
     """Remove a model's queues (tests and benchmarks clean up after themselves); no broker, no-op."""
     from dispatcher.wire import queue_name
 
     try:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(split_urls(url)[0])
     except Exception:
         return
     async with connection:

@@ -44,6 +44,13 @@ class CommonSettings:
     usage_stream_name: str = field(default_factory=lambda: _env("USAGE_STREAM_NAME", "usage"))
     usage_max_age: str = field(default_factory=lambda: _env("USAGE_MAX_AGE", "30D"))
     usage_max_bytes: int = field(default_factory=lambda: _env_int("USAGE_MAX_BYTES", 5_000_000_000))
+    # Write-ahead log of usage records the stream has not confirmed yet ("" default:
+    # $XDG_STATE_HOME/dispatcher/usage-<stream>.wal; "off": none, a crash loses unconfirmed records).
+    usage_wal: str = field(default_factory=lambda: _env("USAGE_WAL", ""))
+    # Unconfirmed records beyond this many bytes (a long stream outage): the worker takes no new requests.
+    usage_wal_max_bytes: int = field(default_factory=lambda: _env_int("USAGE_WAL_MAX_BYTES", 64 * 1024 * 1024))
+    # Seconds the end of a request waits for the stream's confirm of its record (then it stays in the log).
+    usage_commit_timeout: float = field(default_factory=lambda: _env_float("USAGE_COMMIT_TIMEOUT", 2.0))
     # Seconds a request may wait in the queue before it is answered with 504.
     queue_timeout: float = field(default_factory=lambda: _env_float("QUEUE_TIMEOUT", 300.0))
     # Messages per model queue before publishing is refused with 429 (a queue argument: gateways
@@ -52,6 +59,11 @@ class CommonSettings:
     # Priorities at or above this go to the model's express queue, whose requests may also use the
     # worker's reserved slots (11: off; priorities are 0..10). Gateways and workers must agree.
     express_priority: int = field(default_factory=lambda: _env_int("EXPRESS_PRIORITY", 11))
+    # classic (priorities 0-10; lost with its node) or quorum (replicated; on RabbitMQ 4.x two
+    # priority classes: above 4 is high). Gateways and workers must agree.
+    queue_type: str = field(default_factory=lambda: _env("QUEUE_TYPE", "classic"))
+    # A gateway that sends no heartbeat for this long is gone: workers abort its requests.
+    gateway_liveness_timeout: float = field(default_factory=lambda: _env_float("GATEWAY_LIVENESS_TIMEOUT", 0.8))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
     log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "text"))  # text | json
     # Label request and token-count metrics with the token's name (false: the label is "").
@@ -86,6 +98,13 @@ class GatewaySettings(CommonSettings):
     # Requests of one token waiting in the queue (not yet taken by a worker) before more are
     # refused with 429, so that one tenant cannot bury another of the same priority. 0 = no cap.
     max_queued_per_token: int = field(default_factory=lambda: _env_int("MAX_QUEUED_PER_TOKEN", 64))
+    # Models this deployment serves (comma-separated): their queues are declared by the gateway, so
+    # their requests wait in the queue while no worker runs (scale from zero) instead of a 404.
+    models: str = field(default_factory=lambda: _env("MODELS", ""))
+    # Bytes of answer buffered for one stream whose client reads slowly; beyond, the stream ends.
+    max_buffered_bytes: int = field(default_factory=lambda: _env_int("MAX_BUFFERED_BYTES", 4 << 20))
+    # Seconds a publish may take before the request is refused with 503.
+    publish_timeout: float = field(default_factory=lambda: _env_float("PUBLISH_TIMEOUT", 10.0))
     # Port of /metrics, apart from the API port so that an Ingress routing the API does not publish it
     # (0: /metrics on the API port).
     metrics_port: int = field(default_factory=lambda: _env_int("METRICS_PORT", 9091))
@@ -116,6 +135,8 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval: float = field(default_factory=lambda: _env_float("HEARTBEAT_INTERVAL", 5.0))
     # Max delay before buffered frames are flushed to a gateway (seconds).
     flush_interval: float = field(default_factory=lambda: _env_float("FLUSH_INTERVAL", 0.005))
+    # Seconds without a byte from vLLM before a request is aborted as stalled (0: never).
+    vllm_stall_timeout: float = field(default_factory=lambda: _env_float("VLLM_STALL_TIMEOUT", 120.0))
     # Send vLLM a per-tenant cache_salt (HMAC of the token name under CACHE_SALT_KEY), so tenants
     # never share prefix-cache blocks (see docs/tenancy.md).
     cache_salt: bool = field(default_factory=lambda: _env_bool("CACHE_SALT", False))

@@ -23,9 +23,12 @@ MAX_PRIORITY = 10
 H_ENDPOINT = "x-endpoint"  # "chat/completions" | "completions" | "embeddings"
 H_TOKEN = "x-token-name"
 H_PRIORITY = "x-priority"  # the effective token priority (0..MAX_PRIORITY, higher = first)
-H_DEADLINE = "x-deadline"  # unix time (integer ms) after which the request must not be served
+H_TIMEOUT = "x-timeout-ms"  # how long (ms) after publishing the request may still be served
 H_TRACEPARENT = "traceparent"
-H_ENQUEUED_AT = "x-enqueued-at"  # unix time (integer ms) the gateway published it: queue wait, TTFT
+# The gateway's wall clock (unix ms) when it published. Workers never compare it with their own
+# clock: they translate it with the offset measured from that gateway's heartbeats.
+H_ENQUEUED_AT = "x-enqueued-at"
+H_GATEWAY = "x-gateway"  # the publishing gateway's incarnation: replies die with it
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
@@ -41,9 +44,28 @@ def queue_name(model: str, *, express: bool = False) -> str:
     return QUEUE_PREFIX + model + (".express" if express else "")
 
 
-def queue_arguments(max_length: int) -> dict[str, int | str]:
-    """Arguments of a model queue. Everyone declaring it must pass exactly these."""
+QUEUE_TYPES = ("classic", "quorum")
+# Quorum queues (RabbitMQ 4.0+) know two priority classes: a message priority above 4 is "high".
+QUORUM_HIGH = 5
+
+
+def queue_arguments(max_length: int, queue_type: str = "classic") -> dict[str, int | str]:
+    """Arguments of a model queue. Everyone declaring it must pass exactly these.
+
+    Nothing RabbitMQ 4.3 denies: no ``x-queue-mode``/``x-queue-version``/``x-queue-master-locator``.
+    """
+    if queue_type == "quorum":
+        return {"x-queue-type": "quorum", "x-max-length": max_length, "x-overflow": "reject-publish"}
+    if queue_type != "classic":
+        raise ValueError(f"unknown queue type {queue_type!r} (classic or quorum)")
     return {"x-max-priority": MAX_PRIORITY, "x-max-length": max_length, "x-overflow": "reject-publish"}
+
+
+def message_priority(priority: int, queue_type: str = "classic") -> int:
+    """The AMQP priority of a request: 0..10 on classic queues, normal/high on quorum queues."""
+    if queue_type == "quorum":
+        return QUORUM_HIGH if clamp_priority(priority) >= QUORUM_HIGH else 0
+    return clamp_priority(priority)
 
 
 def clamp_priority(priority: int) -> int:
@@ -56,20 +78,25 @@ def vllm_priority(priority: int) -> int:
 
 
 class Kind(enum.IntEnum):
-    ACCEPTED = 0  # a worker took the request off the queue
+    ACCEPTED = 0  # a worker took the request off the queue: the first frame of a delivery attempt
     HEAD = 1  # vLLM answered: status code (and content type in data)
     DATA = 2  # body bytes: one whole SSE event ("data: ...\n\n") or a chunk of a JSON body
-    END = 3  # finished; usage filled in
+    END = 3  # finished; usage filled in; every frame of the attempt before it has been sent
     ERROR = 4  # failed; status and an OpenAI-style error body in data
     HEARTBEAT = 5  # the worker is alive while vLLM is silent
+    REQUEUED = 6  # the attempt gave the request back to the queue before any output (vLLM failed)
 
 
 class Frame(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One step of one delivery attempt. ``attempt`` names the delivery (a worker may get the same
+    request twice: after a reconnect it is a new attempt); ``seq`` numbers its frames from 0."""
+
     request_id: str
     kind: Kind
     data: bytes = b""
     status: int = 0
-    worker: str = ""
+    attempt: str = ""
+    seq: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -80,17 +107,29 @@ class ControlMessage(msgspec.Struct, tag_field="type", omit_defaults=True):
 
 class Cancel(ControlMessage, tag="cancel"):
     request_id: str
-    worker: str = ""  # only this worker should drop it ("" = whoever has it)
+    attempt: str = ""  # only this delivery attempt should stop ("" = whoever has the request)
 
 
 class Announce(ControlMessage, tag="announce"):
-    """A worker saying it is alive, which model it serves and how much room it has."""
+    """A worker saying it is alive, which model it serves and whether it takes requests."""
 
     worker: str
     model: str
-    free_slots: int
-    max_concurrency: int
     ready: bool
+
+
+class GatewayAlive(ControlMessage, tag="alive"):
+    """A gateway incarnation's heartbeat: workers abort the work of one that goes quiet. ``now`` is
+    its wall clock (unix ms), from which workers learn its offset to their own."""
+
+    gateway: str
+    now: int
+
+
+class GatewayGone(ControlMessage, tag="gone"):
+    """A gateway incarnation that can no longer receive replies (its connection was lost)."""
+
+    gateway: str
 
 
 class Discover(ControlMessage, tag="discover"):
@@ -100,4 +139,4 @@ class Discover(ControlMessage, tag="discover"):
 frames_encoder = msgspec.msgpack.Encoder()
 frames_decoder = msgspec.msgpack.Decoder(list[Frame])
 control_encoder = msgspec.json.Encoder()
-control_decoder = msgspec.json.Decoder(Cancel | Announce | Discover)
+control_decoder = msgspec.json.Decoder(Cancel | Announce | Discover | GatewayAlive | GatewayGone)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from dispatcher.metrics import gateway_metrics
-from gateway.relay import Exchange, Outcome
+from gateway.relay import Outcome, Relay
 
 log = logging.getLogger("dispatcher.gateway.requests")
 
@@ -46,8 +46,8 @@ class RequestRecord:
         """Refused before it reached the queue (auth, validation, unknown model, full queue, limits)."""
         self._emit(outcome, status, Outcome(status=status))
 
-    def finished(self, exchange: Exchange) -> None:
-        """Called once by ``Exchange.close``."""
+    def finished(self, exchange: Relay) -> None:
+        """Called once by ``Relay.close``."""
         outcome = exchange.outcome
         name = outcome_name(outcome)
         status = outcome.status or (499 if name == "cancelled" else 0)

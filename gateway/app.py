@@ -20,14 +20,14 @@ from dispatcher.errors import APIError, error_body
 from dispatcher.metrics import UNKNOWN_MODEL, gateway_metrics
 from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
-from dispatcher.wire import H_DEADLINE, H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TOKEN, H_TRACEPARENT, unix_ms
+from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT, unix_ms
 from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
 from gateway.limits import RateLimiter
 from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
-from gateway.relay import SSE_HEADERS, Exchange, race_disconnect
+from gateway.relay import SSE_HEADERS, Relay, race_disconnect
 from gateway.requests import parse_head
 
 log = logging.getLogger("dispatcher.gateway")
@@ -46,11 +46,12 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     head = parse_head(endpoint, body)
     model = head.model or ""
     record.requested_model = model[:64]  # for the log line; metrics get bounded labels only
-    if not broker.registry.serves(model):
-        record.model = UNKNOWN_MODEL
-        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    # A model without a live worker may still have a queue (configured, or scaled to zero): the
+    # publish finds out (404 when no queue exists). Until then its metrics label stays bounded.
+    known = broker.registry.knows(model)
     priority = effective_priority(token, request.headers.get(PRIORITY_HEADER))
-    record.model, record.priority, record.stream = model, priority, bool(head.stream) and endpoint != "embeddings"
+    record.model = model if known else UNKNOWN_MODEL
+    record.priority, record.stream = priority, bool(head.stream) and endpoint != "embeddings"
 
     request_id = record.request_id
     admission = await state.limits.admit(token)  # 429 when one of the token's limits is reached
@@ -58,26 +59,39 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
         H_ENDPOINT: endpoint,
         H_TOKEN: token.name,
         H_PRIORITY: priority,
-        H_DEADLINE: unix_ms(time.time() + settings.queue_timeout),
+        H_TIMEOUT: unix_ms(settings.queue_timeout),
         H_ENQUEUED_AT: unix_ms(time.time()),
     }
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent
-    try:
-        pending = await broker.publish(
-            request_id,
-            model,
-            body,
-            priority=priority,
-            headers=headers,
-            expiration=settings.queue_timeout,  # type: ignore[arg-type]
+    publish = asyncio.ensure_future(
+        asyncio.wait_for(
+            broker.publish(
+                request_id,
+                model,
+                body,
+                priority=priority,
+                headers=headers,
+                expiration=settings.queue_timeout,  # type: ignore[arg-type]
+            ),
+            settings.publish_timeout,
         )
+    )
+    try:
+        inbox = await race_disconnect(request.receive, publish)  # a blocked broker must not hold us
+    except TimeoutError:
+        admission.finish()
+        raise APIError(503, "The message broker is not accepting requests right now; retry later.") from None
     except BaseException:
         admission.finish()
         raise
-    exchange = Exchange(
+    if inbox is None:  # the client left while we published
+        admission.finish()
+        return Response(b"", status_code=499)
+    record.model = model
+    exchange = Relay(
         broker,
-        pending,
+        inbox,
         queue_deadline=time.monotonic() + settings.queue_timeout,
         idle_timeout=settings.idle_timeout,
         keepalive_interval=settings.keepalive_interval,
@@ -91,7 +105,7 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     return await _whole(request, exchange, response_headers)
 
 
-async def _streamed(request: Request, exchange: Exchange, headers: dict[str, str]) -> Response:
+async def _streamed(request: Request, exchange: Relay, headers: dict[str, str]) -> Response:
     try:
         head = asyncio.ensure_future(exchange.head(commit_after=exchange.keepalive_interval))
         result = await race_disconnect(request.receive, head)
@@ -118,7 +132,7 @@ async def _streamed(request: Request, exchange: Exchange, headers: dict[str, str
     )
 
 
-async def _whole(request: Request, exchange: Exchange, headers: dict[str, str]) -> Response:
+async def _whole(request: Request, exchange: Relay, headers: dict[str, str]) -> Response:
     async def answer() -> tuple[int, str, bytes]:
         status, content_type, frames = await exchange.head(commit_after=None)
         return status, content_type, await exchange.body(frames)
@@ -165,7 +179,7 @@ async def list_models(request: Request, state: State) -> dict[str, object]:
 async def get_model(request: Request, state: State, model_id: str) -> dict[str, object]:
     await state.auth.authenticate(request.headers.get("authorization"))
     model = model_id.lstrip("/")
-    if not state.broker.registry.serves(model):
+    if not state.broker.registry.knows(model):
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     return _model_card(model)
 

@@ -1,118 +1,75 @@
-"""The gateway's side of RabbitMQ: publish requests, receive reply frames, send cancellations.
+"""The gateway's side of RabbitMQ: publish requests, receive reply frames, keep workers informed.
 
-One channel carries both: it consumes ``amq.rabbitmq.reply-to`` (which must happen before the
-first publish) and publishes requests with publisher confirms, so that a full queue is a clean
-429 and not a hang. Reply frames are demultiplexed by request id into ``PendingRequest`` inboxes.
+Two connections:
+- the *reply* connection carries one channel that consumes ``amq.rabbitmq.reply-to`` (which must
+  happen before the first publish, on the same channel) and publishes requests with publisher
+  confirms, so that a full queue is a clean 429 and not a hang. Its reply consumer is no-ack, so a
+  broker memory alarm (which blocks publishers) does not stop replies;
+- the *control* connection: worker announcements in, cancellations and heartbeats out.
+
+Each reply connection is an *incarnation* of this gateway: replies addressed to an earlier one are
+lost. Requests carry the incarnation; heartbeats (``GatewayAlive``) tell workers it still listens,
+and after a reconnect ``GatewayGone`` tells them the old one does not, so they stop its work.
+Frames are demultiplexed by request id into ``Inbox``es (``dispatcher.delivery``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
-from collections import deque
+import uuid
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import DeliveryError, PublishError
 
-from dispatcher.amqp import BrokerLink
-from dispatcher.errors import APIError, error_body
+from dispatcher.amqp import BrokerLink, declare_model_queue
+from dispatcher.delivery import Inbox
+from dispatcher.errors import APIError
 from dispatcher.settings import GatewaySettings
 from dispatcher.wire import (
     CONTROL_EXCHANGE,
+    H_GATEWAY,
     REPLY_TO,
     Announce,
     Cancel,
     Discover,
-    Frame,
+    GatewayAlive,
+    GatewayGone,
     Kind,
     control_decoder,
     control_encoder,
     frames_decoder,
+    message_priority,
+    queue_arguments,
     queue_name,
+    unix_ms,
 )
 
 log = logging.getLogger("dispatcher.gateway.broker")
 
-
-class PendingRequest:
-    """The inbox of one request in flight: frames arrive here from the reply consumer."""
-
-    __slots__ = ("_frames", "_waiter", "accepted_at", "model", "output_started", "owner", "request_id")
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.owner = ""  # the worker that serves it
-        self.output_started = False
-        self.accepted_at: float | None = None
-        self._frames: deque[Frame] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # set while the relay waits for frames
-
-    def feed(self, frame: Frame) -> bool:
-        """Take one frame; returns False when it comes from a worker that must be told to stop."""
-        if frame.kind is Kind.ACCEPTED:
-            if self.output_started and frame.worker != self.owner:
-                # Our worker died after sending output and the broker redelivered the request:
-                # serving it again would duplicate the answer, so end it here.
-                self.fail(502, "The worker serving this request stopped mid-stream.")
-                return False
-            self.owner = frame.worker
-            self.accepted_at = time.monotonic()
-        elif frame.worker and self.owner and frame.worker != self.owner:
-            return False
-        elif frame.kind is Kind.DATA:
-            # Only body bytes commit us to this worker: a redelivery after a bare HEAD (the worker
-            # died while vLLM still queued the request) is served from the start, cleanly.
-            self.output_started = True
-        self._frames.append(frame)
-        self._wake()
-        return True
-
-    def fail(self, status: int, message: str) -> None:
-        self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def next_frames(self, timeout: float | None) -> list[Frame]:
-        """Every frame that has arrived, waiting up to ``timeout`` for one ([] on timeout)."""
-        if not self._frames:
-            # A bare future and timer: asyncio.wait_for would wrap every wait in a new task, and this
-            # runs once per batch of frames per stream.
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = None if timeout is None else loop.call_later(timeout, self._wake)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
-            if not self._frames:
-                return []  # timed out
-        frames = list(self._frames)
-        self._frames.clear()
-        return frames
+HEARTBEAT_INTERVAL = 0.2  # s between GatewayAlive messages (workers give up after their liveness timeout)
+SWEEP_INTERVAL = 5.0
 
 
 class ModelRegistry:
-    """Which models live workers serve, from their periodic announcements."""
+    """Which models live workers serve (from their announcements), and which are configured."""
 
-    def __init__(self, expiry: float = 15.0) -> None:
+    def __init__(self, configured: list[str], expiry: float = 15.0, remember: float = 3600.0) -> None:
+        self.configured = set(configured)
         self.expiry = expiry
+        self.remember = remember  # a model served this recently may come back (scale from zero)
         self._workers: dict[str, tuple[float, Announce]] = {}
+        self._served_at: dict[str, float] = {}
 
     def update(self, announce: Announce) -> None:
-        self._workers[announce.worker] = (time.monotonic() + self.expiry, announce)
-
-    def remove(self, worker: str) -> None:
-        self._workers.pop(worker, None)
+        now = time.monotonic()
+        self._workers[announce.worker] = (now + self.expiry, announce)
+        self._served_at[announce.model] = now
 
     def live(self) -> list[Announce]:
         now = time.monotonic()
@@ -121,53 +78,93 @@ class ModelRegistry:
         return [announce for _, announce in self._workers.values()]
 
     def models(self) -> list[str]:
-        return sorted({announce.model for announce in self.live()})
+        """Models a client may ask for: served now, configured, or served recently."""
+        horizon = time.monotonic() - self.remember
+        recent = {model for model, at in self._served_at.items() if at > horizon}
+        return sorted({announce.model for announce in self.live()} | self.configured | recent)
 
-    def serves(self, model: str) -> bool:
-        return any(announce.model == model for announce in self.live())
+    def knows(self, model: str) -> bool:
+        if model in self.configured or any(announce.model == model for announce in self.live()):
+            return True
+        served_at = self._served_at.get(model)
+        return served_at is not None and served_at > time.monotonic() - self.remember
 
 
 class GatewayBroker:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry()
-        self.pending: dict[str, PendingRequest] = {}
-        self.link = BrokerLink(settings.amqp_url, "dispatcher-gateway", self._setup, self._on_connection_lost)
+        self.registry = ModelRegistry([m.strip() for m in settings.models.split(",") if m.strip()])
+        self.pending: dict[str, Inbox] = {}
+        self.name = f"gw-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.incarnation = ""  # changes with every reply connection
+        self._gone: list[str] = []  # incarnations to announce as gone once the control link is up
+        self.replies = BrokerLink(
+            settings.amqp_url, f"dispatcher-gateway-{self.name}", self._setup_replies, self._replies_lost
+        )
+        self.control = BrokerLink(
+            settings.amqp_url, f"dispatcher-gateway-{self.name}-control", self._setup_control, self._control_lost
+        )
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def ready(self) -> bool:
-        return self.link.ready and self._channel is not None
+        return self.replies.ready and self._channel is not None and self.control.ready
 
     async def start(self) -> None:
         """Connect in the background (retrying until the broker is there); /ready says when."""
-        self.link.start()
+        self.replies.start()
+        self.control.start()
+        self._tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._sweep())]
 
     async def stop(self) -> None:
-        await self.link.close()
+        for task in self._tasks:
+            task.cancel()
+        if self.incarnation:
+            await self._publish_control(GatewayGone(self.incarnation))  # our workers stop at once
+        await self.replies.close()
+        await self.control.close()
 
-    async def _setup(self, connection: AbstractConnection) -> None:
-        """Build the channel, the reply consumer and the control subscription on a fresh connection."""
-        # One plain channel per connection: after a reconnect the reply queue has a new name, so it
-        # is rebuilt here, exactly once, rather than restored behind our back.
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _setup_replies(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self.link.watch(channel)
+        self.replies.watch(channel)
         reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
         await reply_queue.consume(self._on_reply, no_ack=True)
+        # Configured models get their queues now: their requests wait there while no worker runs.
+        arguments = queue_arguments(self.settings.max_queue_length, self.settings.queue_type)
+        for model in sorted(self.registry.configured):
+            for express in (False, True):
+                await declare_model_queue(connection, queue_name(model, express=express), arguments)
+        self._channel = channel
+        self.incarnation = f"{self.name}.{self.replies.connections_made + 1}"
+
+    def _replies_lost(self) -> None:
+        self._channel = None
+        if self.incarnation:
+            self._gone.append(self.incarnation)
+            self.incarnation = ""
+        # Replies for requests in flight were addressed to the old channel: they are lost.
+        for inbox in self.pending.values():
+            inbox.fail(503, "Lost the connection to the message broker; please retry.")
+
+    async def _setup_control(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel()
+        self.control.watch(channel)
         control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
         control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await control_queue.bind(control)
         await control_queue.consume(self._on_control, no_ack=True)
-        self._channel, self._control = channel, control
+        self._control = control
         await control.publish(aio_pika.Message(control_encoder.encode(Discover())), routing_key="")
 
-    def _on_connection_lost(self) -> None:
-        self._channel = self._control = None
-        # Replies for requests in flight were addressed to the old channel: they are lost.
-        for pending in self.pending.values():
-            pending.fail(503, "Lost the connection to the message broker; please retry.")
+    def _control_lost(self) -> None:
+        self._control = None
+
+    # -- requests ------------------------------------------------------------------------------
 
     async def publish(
         self,
@@ -178,26 +175,27 @@ class GatewayBroker:
         priority: int,
         headers: dict[str, aio_pika.abc.FieldValue],
         expiration: float,
-    ) -> PendingRequest:
+    ) -> Inbox:
         """Queue a request; returns its inbox. Raises APIError when it can't be queued."""
-        if not self.ready or self._channel is None:
+        channel = self._channel
+        if not self.ready or channel is None:
             raise APIError(503, "The gateway is not connected to the message broker; try again shortly.")
-        pending = PendingRequest(request_id, model)
-        self.pending[request_id] = pending
+        inbox = Inbox(request_id, model, max_buffered_bytes=self.settings.max_buffered_bytes)
+        self.pending[request_id] = inbox
         message = aio_pika.Message(
             body,
             content_type="application/json",
-            priority=priority,
+            priority=message_priority(priority, self.settings.queue_type),
             expiration=expiration,
             correlation_id=request_id,
             reply_to=REPLY_TO,
-            headers=headers,
+            headers={**headers, H_GATEWAY: self.incarnation},
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
             routing_key = queue_name(model, express=priority >= self.settings.express_priority)
-            await self._channel.default_exchange.publish(message, routing_key=routing_key, mandatory=True)
-        except PublishError as exc:  # returned: no queue for this model (no worker ever started)
+            await channel.default_exchange.publish(message, routing_key=routing_key, mandatory=True)
+        except PublishError as exc:  # returned: no queue for this model (nobody configured or served it)
             self.pending.pop(request_id, None)
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from exc
         except DeliveryError as exc:  # nacked: the queue is full (x-overflow: reject-publish)
@@ -211,26 +209,31 @@ class GatewayBroker:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self.pending.pop(request_id, None)
             raise APIError(503, "Could not queue the request: the message broker is unavailable.") from exc
-        return pending
+        except BaseException:  # cancelled (the client left, or too slow): it may be queued anyway
+            self.finish(request_id, cancel=True)
+            raise
+        return inbox
 
     def finish(self, request_id: str, *, cancel: bool) -> None:
         """Forget a request; when it did not complete, tell the workers to drop it."""
-        self.pending.pop(request_id, None)
+        inbox = self.pending.pop(request_id, None)
         if cancel:
-            self.send_cancel(request_id)
+            self.send_cancel(request_id, inbox.attempt if inbox is not None else "")
 
-    def send_cancel(self, request_id: str, worker: str = "") -> None:
-        if self._control is None or not self.ready:
-            return
-        message = aio_pika.Message(control_encoder.encode(Cancel(request_id, worker)))
-        task = asyncio.get_running_loop().create_task(self._send_control(message))
+    def send_cancel(self, request_id: str, attempt: str = "") -> None:
+        self._spawn(self._publish_control(Cancel(request_id, attempt)))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_control(self, message: aio_pika.Message) -> None:
+    async def _publish_control(self, control: Cancel | GatewayAlive | GatewayGone) -> None:
+        exchange = self._control
+        if exchange is None:
+            return
         try:
-            assert self._control is not None
-            await self._control.publish(message, routing_key="")
+            await exchange.publish(aio_pika.Message(control_encoder.encode(control)), routing_key="")
         except Exception as exc:  # best effort: a cancel lost with the broker is moot anyway
             log.warning("could not publish a control message: %s", exc)
 
@@ -242,14 +245,14 @@ class GatewayBroker:
             log.error("dropping an undecodable reply message")
             return
         for frame in frames:
-            pending = self.pending.get(frame.request_id)
-            if pending is None:
+            inbox = self.pending.get(frame.request_id)
+            if inbox is None:
                 # Nobody waits for it any more (client gone, timed out): stop the work.
-                if frame.kind not in (Kind.END, Kind.ERROR):
-                    self.send_cancel(frame.request_id)
+                if frame.kind not in (Kind.END, Kind.ERROR, Kind.REQUEUED):
+                    self.send_cancel(frame.request_id, frame.attempt)
                 continue
-            if not pending.feed(frame):
-                self.send_cancel(frame.request_id, frame.worker)
+            for attempt in inbox.feed(frame):
+                self.send_cancel(frame.request_id, attempt)
 
     def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -258,3 +261,28 @@ class GatewayBroker:
             return
         if isinstance(control, Announce):
             self.registry.update(control)
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            while self._gone and self._control is not None:
+                await self._publish_control(GatewayGone(self._gone.pop(0)))
+            if self.incarnation and self._channel is not None:
+                await self._publish_control(GatewayAlive(self.incarnation, unix_ms(time.time())))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _sweep(self) -> None:
+        """End requests whose relay stopped reading (a client gone in a way nobody noticed)."""
+        settings = self.settings
+        stale_after = 2 * max(settings.idle_timeout, settings.keepalive_interval) + 30
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            horizon = time.monotonic() - stale_after
+            for request_id, inbox in list(self.pending.items()):
+                if inbox.read_at < horizon:
+                    log.warning("abandoning a request nobody reads", extra={"request_id": request_id})
+                    if inbox.on_abandon is not None:
+                        inbox.on_abandon()
+                    else:
+                        self.finish(request_id, cancel=not inbox.ended)

@@ -1,8 +1,10 @@
 """Per-token limits: requests and tokens per window, requests in flight, requests queued.
 
-With Redis the counters are shared by every gateway replica: admission is one Lua script (one round
-trip) that checks and counts atomically. Without Redis they live in this process, so each replica
-enforces them separately. Redis errors fail open: a request is never refused because Redis is down.
+With Redis the counters are shared by every gateway replica: admission is one Lua script that checks
+and counts atomically; it and every other counter update go out in one pipeline per round trip,
+shared by all the requests of that moment. A token with no limit at all costs no Redis command.
+Without Redis they live in this process, so each replica enforces them separately. Redis errors
+fail open: a request is never refused because Redis is down.
 
 - requests per window (``rpm``): counted at admission, in a fixed window aligned on the clock.
 - tokens per window (``tpm``): prompt + completion tokens from the usage vLLM reports, charged when
@@ -21,17 +23,18 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
 
 if TYPE_CHECKING:
-    from gateway.relay import Exchange
+    from gateway.relay import Relay
 
 log = logging.getLogger("dispatcher.gateway.limits")
 
@@ -115,35 +118,108 @@ def _keys(name: str, window_index: int) -> tuple[str, str, str, str]:
     return base + f"req:{window_index}", base + f"tok:{window_index}", base + "flight", base + "queued"
 
 
-class RedisCounters:
-    """The counters in Redis, shared by every gateway replica."""
+class _Pipeline:
+    """Every Redis command of this gateway's limits, sent in one pipeline per round trip.
+
+    While one pipeline is on the wire, the next requests' commands queue; they all go in the next
+    one. So at any rate there is at most one round trip in flight and one connection in use, instead
+    of a command (and, under load, a new connection) per request and event.
+    """
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._admit = redis.register_script(_ADMIT)
+        self._queue: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]] | None]] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None  # a strong reference: the loop keeps weak ones
+
+    def submit(self, build: Callable[[Any], None], *, wait: bool) -> asyncio.Future[list[Any]] | None:
+        """Queue ``build(pipe)`` (which adds commands); with ``wait``, a future of their results."""
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._queue.append((build, future))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return future
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._send(batch)
+        finally:
+            self._running = False
+
+    async def _send(self, batch: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]] | None]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        spans = []
+        for build, future in batch:
+            start = len(pipe.command_stack)
+            build(pipe)
+            spans.append((start, len(pipe.command_stack), future))
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            for *_, future in spans:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            if all(future is None for *_, future in spans):
+                log.debug("limit counters not updated: %s", type(exc).__name__)
+            return
+        finally:
+            await pipe.reset()
+        for start, stop, future in spans:
+            if future is not None and not future.done():
+                future.set_result(results[start:stop])
+
+
+class RedisCounters:
+    """The counters in Redis, shared by every gateway replica; every command goes through one pipeline."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._admit = redis.register_script(_ADMIT)  # knows how to load itself after a NOSCRIPT
+        self._pipeline = _Pipeline(redis)
 
     async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
         now = time.time()
         keys = _keys(name, int(now // window))
         args = [now, math.ceil(window) + 1, quota.rpm, quota.tpm, quota.max_concurrent, quota.max_queued,
                 request_id, now + expiry, math.ceil(expiry)]  # fmt: skip
-        reason, requests, tokens, flight, queued = await self._admit(keys=list(keys), args=args)
+        sha = self._admit.sha
+        future = self._pipeline.submit(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args), wait=True)
+        assert future is not None
+        (result,) = await future
+        if isinstance(result, NoScriptError):  # first use, or Redis restarted: load it (once) and run it alone
+            result = await self._admit(keys=list(keys), args=args)
+        elif isinstance(result, Exception):
+            raise result
+        reason, requests, tokens, flight, queued = result
         refused = reason.decode() if isinstance(reason, bytes) else str(reason)
         return Counts(refused, int(requests), int(tokens), int(flight), int(queued))
 
-    async def accepted(self, name: str, request_id: str) -> None:
-        await self.redis.zrem(_keys(name, 0)[3], request_id)
+    def accepted(self, name: str, request_id: str) -> None:
+        queued_key = _keys(name, 0)[3]
+        self._pipeline.submit(lambda pipe: pipe.zrem(queued_key, request_id), wait=False)
 
-    async def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+    def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
         now = time.time()
         _, tokens_key, flight_key, queued_key = _keys(name, int(now // window))
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             pipe.zrem(flight_key, request_id)
             pipe.zrem(queued_key, request_id)
             if tokens > 0:
                 pipe.incrby(tokens_key, tokens)
                 pipe.expire(tokens_key, math.ceil(window) + 1)
-            await pipe.execute()
+
+        self._pipeline.submit(build, wait=False)
+
+    async def drain(self) -> None:
+        """Until queued updates are sent (on shutdown)."""
+        for _ in range(50):
+            if not self._pipeline._queue and not self._pipeline._running:
+                return
+            await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -197,12 +273,12 @@ class LocalCounters:
                 state.queued[request_id] = now + expiry
         return Counts(refused, current.requests, current.tokens, len(state.in_flight), len(state.queued))
 
-    async def accepted(self, name: str, request_id: str) -> None:
+    def accepted(self, name: str, request_id: str) -> None:
         state = self._tokens.get(name)
         if state is not None:
             state.queued.pop(request_id, None)
 
-    async def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+    def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
         state = self._state(name, time.time(), window)
         state.in_flight.pop(request_id, None)
         state.queued.pop(request_id, None)
@@ -225,10 +301,10 @@ class Admission:
         if self._limiter is None or self._accepted or self._finished:
             return
         self._accepted = True
-        self._limiter.background(self._limiter.counters.accepted(self.name, self.request_id))
+        self._limiter.counters.accepted(self.name, self.request_id)  # queued, sent with others: no await
 
-    def release(self, exchange: Exchange) -> None:
-        """The close hook of the request's Exchange: charge what vLLM reported it used."""
+    def release(self, exchange: Relay) -> None:
+        """The close hook of the request's Relay: charge what vLLM reported it used."""
         self.finish(exchange.outcome.prompt_tokens, exchange.outcome.completion_tokens)
 
     def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
@@ -238,7 +314,7 @@ class Admission:
         self._finished = True
         limiter = self._limiter
         tokens = prompt_tokens + completion_tokens
-        limiter.background(limiter.counters.finish(self.name, self.request_id, tokens, limiter.window))
+        limiter.counters.finish(self.name, self.request_id, tokens, limiter.window)
 
 
 class RateLimiter:
@@ -247,7 +323,6 @@ class RateLimiter:
         self.window = window
         self.max_queued = max_queued
         self.expiry = expiry  # safety net: a request counts as in flight at most this long
-        self._tasks: set[asyncio.Task[None]] = set()
         self._warned_at = 0.0
 
     async def admit(self, token: TokenInfo) -> Admission:
@@ -266,21 +341,10 @@ class RateLimiter:
             raise _refusal(token.name, quota, counts, headers, self._reset())
         return Admission(self, token.name, request_id, headers)
 
-    def background(self, work: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._quietly(work))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _quietly(self, work: Any) -> None:
-        try:
-            await work
-        except (RedisError, OSError) as exc:
-            self._warn(exc)
-
     async def drain(self) -> None:
         """Let pending counter updates reach Redis (on shutdown)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=2)
+        if isinstance(self.counters, RedisCounters):
+            await self.counters.drain()
 
     def _reset(self) -> float:
         """Seconds until the current window ends."""

@@ -11,10 +11,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from dispatcher.errors import APIError, error_body
+from dispatcher.delivery import Inbox
+from dispatcher.errors import APIError
 from dispatcher.wire import Frame, Kind
-from gateway.broker import GatewayBroker, PendingRequest
+from gateway.broker import GatewayBroker
+
+T = TypeVar("T")
 
 KEEPALIVE = b": queued\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -34,11 +38,11 @@ class Outcome:
 
 
 @dataclass
-class Exchange:
+class Relay:
     """One request in flight between the HTTP client and the worker that serves it."""
 
     broker: GatewayBroker
-    pending: PendingRequest
+    inbox: Inbox
     queue_deadline: float  # monotonic time after which a still-queued request is abandoned
     idle_timeout: float
     keepalive_interval: float
@@ -47,12 +51,16 @@ class Exchange:
     # Hooks: a worker took the request (per-token limits); the request ended, however (limits,
     # metrics and the request's log line), each called once.
     on_accepted: Callable[[], None] | None = None
-    on_close: list[Callable[[Exchange], None]] = field(default_factory=list)
+    on_close: list[Callable[[Relay], None]] = field(default_factory=list)
     _last_frame_at: float = field(default_factory=time.monotonic)
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.inbox.on_abandon = self.close
 
     async def next_frames(self, timeout: float) -> list[Frame]:
         """Frames as they come; raises APIError when the request waited or idled too long."""
-        frames = await self.pending.next_frames(timeout)
+        frames = [f for f in await self.inbox.next_frames(timeout) if self.inbox.current(f)]
         now = time.monotonic()
         if frames:
             self._last_frame_at = now
@@ -62,7 +70,7 @@ class Exchange:
                     if self.on_accepted is not None:
                         self.on_accepted()
             return frames
-        if self.pending.accepted_at is None:
+        if self.inbox.accepted_at is None:  # (back) in the queue
             if now >= self.queue_deadline:
                 raise APIError(504, "The request timed out waiting in the queue.", code="queue_timeout")
         elif now - self._last_frame_at >= self.idle_timeout:
@@ -70,7 +78,7 @@ class Exchange:
         return []
 
     def _wait_time(self) -> float:
-        if self.pending.accepted_at is None:
+        if self.inbox.accepted_at is None:
             return max(0.0, min(self.keepalive_interval, self.queue_deadline - time.monotonic()))
         return self.idle_timeout
 
@@ -101,9 +109,12 @@ class Exchange:
         parts: list[bytes] = []
         while True:
             for frame in frames:
-                if frame.kind is Kind.DATA:
+                if frame.kind is Kind.ACCEPTED:
+                    parts.clear()  # a new attempt (the last one gave the request back): start over
+                elif frame.kind is Kind.DATA:
                     parts.append(frame.data)
                 elif frame.kind is Kind.END:
+                    self.inbox.commit(frame)
                     self._finish(frame)
                     return b"".join(parts)
                 elif frame.kind is Kind.ERROR:
@@ -119,7 +130,8 @@ class Exchange:
                 out: list[bytes] = []
                 for frame in frames:
                     if frame.kind is Kind.DATA:
-                        out.append(frame.data)
+                        if self.inbox.commit(frame):  # the first body byte commits us to its attempt
+                            out.append(frame.data)
                     elif frame.kind is Kind.END:
                         self._finish(frame)
                     elif frame.kind is Kind.ERROR:
@@ -141,7 +153,7 @@ class Exchange:
                     self.outcome.completed = True
                     yield b"data: " + exc.body() + b"\n\n" + DONE
                     return
-                if not frames and self.pending.accepted_at is None:
+                if not frames and self.inbox.accepted_at is None:
                     yield KEEPALIVE
         finally:
             self.close()
@@ -153,8 +165,11 @@ class Exchange:
         self.outcome.completion_tokens = frame.completion_tokens
 
     def close(self) -> None:
-        """Forget the request; cancels it on the worker if it did not complete."""
-        self.broker.finish(self.pending.request_id, cancel=not self.outcome.completed)
+        """Forget the request; cancels it on the worker if it did not complete. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.broker.finish(self.inbox.request_id, cancel=not self.outcome.completed)
         hooks, self.on_close = self.on_close, []
         for hook in hooks:
             hook(self)
@@ -168,7 +183,7 @@ async def wait_for_disconnect(receive: object) -> None:
             return
 
 
-async def race_disconnect(receive: object, work: asyncio.Future[bytes] | asyncio.Task[bytes]) -> bytes | None:
+async def race_disconnect(receive: object, work: asyncio.Future[T]) -> T | None:
     """Await ``work`` unless the client disconnects first (then cancel it and return None)."""
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
     try:
@@ -180,6 +195,3 @@ async def race_disconnect(receive: object, work: asyncio.Future[bytes] | asyncio
     work.cancel()
     return None
 
-
-def error_event(status: int, message: str) -> bytes:
-    return b"data: " + error_body(status, message) + b"\n\n"

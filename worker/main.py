@@ -1,13 +1,12 @@
-"""The worker loop: take a request only when vLLM can start it, stream vLLM's answer back.
+"""The worker beside one vLLM server: wires consuming, serving, control messages and announcements.
 
-Flow control: the channel's prefetch equals ``max_concurrency`` and a message is acked only when
-its request has ended, so the broker never hands this worker more than vLLM can run at once;
-everything else waits in RabbitMQ, where priority order holds. While vLLM is unhealthy or reports
-waiting requests, the worker stops consuming altogether.
+- ``worker.consumer``: takes requests off the model's queues, only as many as vLLM can start now;
+- ``worker.serve``: serves one job and settles its message;
+- ``worker.control``: which gateways still listen (heartbeats) and what they cancelled;
+- ``worker.replies``: frames back to the gateways, in order.
 
-Delivery: a worker that dies before acking gets its messages redelivered to another worker. The
-gateway accepts the redelivery while no output reached the client, and refuses it (ending the
-stream with an error) after, so an answer is never duplicated.
+Two AMQP connections: one consumes (requests, control messages) and acks, one publishes (replies,
+announcements), so that a broker memory alarm, which blocks publishers, does not block acks.
 """
 
 from __future__ import annotations
@@ -18,41 +17,37 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
 
 import aio_pika
-import httpx2
 import msgspec
-import openai
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from dispatcher.amqp import BrokerLink
 from dispatcher.errors import error_body
 from dispatcher.settings import WorkerSettings
 from dispatcher.wire import (
     CONTROL_EXCHANGE,
-    H_TRACEPARENT,
     Announce,
     Cancel,
     Discover,
     Frame,
+    GatewayAlive,
+    GatewayGone,
     Kind,
     control_decoder,
     control_encoder,
-    queue_arguments,
-    queue_name,
-    vllm_priority,
 )
-from worker.accounting import TokenClock, WorkerAccounting
-from worker.job import Job, Usage, usage_of
+from worker.accounting import WorkerAccounting
+from worker.consumer import Consumer
+from worker.control import GatewayWatch
+from worker.job import Job
 from worker.replies import ReplySender
+from worker.serve import JobRunner
 from worker.usage import UsageLedger
-from worker.vllm import VLLMClient, sse_events
+from worker.vllm import VLLMClient
 
 log = logging.getLogger("dispatcher.worker")
 
-_json = msgspec.json.Decoder(dict[str, Any])
-USAGE_ONLY = b'"choices":[]'
 CANCEL_BURST = 0.05  # seconds a request dequeued right after a cancellation waits for its own
 
 
@@ -64,21 +59,11 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.vllm = VLLMClient(settings.vllm_url, settings.vllm_api_key, concurrency=settings.max_concurrency)
         self.jobs: dict[str, Job] = {}
-        self.cancelled: dict[str, float] = {}  # request id -> when to forget it
+        self.cancelled: dict[str, float] = {}  # request id -> when to forget it (cancelled while queued)
         self._last_cancel_at = 0.0  # when a running request was last cancelled
         self.vllm_healthy = False
         self.vllm_load: dict[str, float] | None = None
         self.accepting = True
-        self.link = BrokerLink(
-            settings.amqp_url, f"dispatcher-worker-{self.id}", self._setup, self._on_connection_lost
-        )
-        self._consuming_lock = asyncio.Lock()
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._queues: list[AbstractQueue] = []  # [normal, express]
-        self._consumer_tags: list[str | None] = [None, None]
-        self._control: aio_pika.abc.AbstractExchange | None = None
-        self.replies: ReplySender | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self.ledger = (
             UsageLedger(
                 settings.usage_stream_url,
@@ -90,6 +75,26 @@ class Worker:
             else None
         )
         self.accounting = WorkerAccounting(settings.model, self.id, self.ledger)
+        self.gateways = GatewayWatch(settings.gateway_liveness_timeout, self._gateway_gone)
+        self.replies = ReplySender(settings.flush_interval, self._frames_lost)
+        self.runner = JobRunner(
+            settings, self.vllm, self.replies, self.accounting, vllm_failed=self._vllm_failed, released=self._released
+        )
+        self.consumer = Consumer(
+            settings,
+            f"dispatcher-worker-{self.id}",
+            on_message=self._on_message,
+            on_control=self._on_control,
+            on_connected=lambda: self.gateways.listening(True),
+            on_lost=self._consumer_lost,
+            wanted=self._should_consume,
+            free=lambda: self.free_slots,
+        )
+        self.publisher = BrokerLink(
+            settings.amqp_url, f"dispatcher-worker-{self.id}-out", self._setup_publisher, self._publisher_lost
+        )
+        self._control: aio_pika.abc.AbstractExchange | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.accounting.bind(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -100,12 +105,14 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.link.ready and self.vllm_healthy and self.accepting
+        return self.consumer.ready and self.publisher.ready and self.vllm_healthy and self.accepting
 
     async def start(self) -> None:
-        """Start serving; the broker connection comes up in the background (with retries)."""
+        """Start serving; the broker connections come up in the background (with retries)."""
         self.vllm_healthy = await self.vllm.healthy()
-        self.link.start()
+        self.replies.start()
+        self.publisher.start()
+        self.consumer.start()
         if self.ledger is not None:
             await self.ledger.start()
         self._tasks = [
@@ -113,74 +120,63 @@ class Worker:
             asyncio.create_task(self._announce_periodically()),
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._watch_queue_depth()),
+            asyncio.create_task(self.gateways.run()),
         ]
         log.info("worker %s serving model %s from %s", self.id, self.settings.model, self.settings.vllm_url)
 
-    async def _setup(self, connection: AbstractConnection) -> None:
-        """Build channels, queues and consumers on a fresh broker connection (at start and after a loss)."""
-        channel = await connection.channel()
-        self.link.watch(channel)
-        # The channel as a whole never holds more than max_concurrency requests; each consumer gets
-        # its own limit in _update_consuming (normal: max_concurrency - reserved_slots).
-        await channel.set_qos(prefetch_count=self.settings.max_concurrency, global_=True)
-        arguments = queue_arguments(self.settings.max_queue_length)
-        model = self.settings.model
-        queues = [
-            await channel.declare_queue(queue_name(model, express=lane), durable=True, arguments=arguments)
-            for lane in (False, True)
-        ]
-        control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-        control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await control_queue.bind(control)
-        await control_queue.consume(self._on_control, no_ack=True)
-        reply_channel = await connection.channel(publisher_confirms=False)
-        self.link.watch(reply_channel)
-        if self.replies is None:
-            self.replies = ReplySender(reply_channel, self.settings.flush_interval)
-        else:
-            self.replies.channel = reply_channel
-        self._channel, self._queues, self._control, self._consumer_tags = channel, queues, control, [None, None]
-        await self._update_consuming()
+    async def _setup_publisher(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        self.publisher.watch(channel)
+        self._control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        self.replies.channel = channel
         await self._announce()
+
+    def _publisher_lost(self) -> None:
+        self.replies.channel = None
+        self._control = None
 
     async def drain(self, grace: float) -> None:
         """Stop taking requests and let running ones finish for up to ``grace`` seconds."""
         self.accepting = False
-        await self._update_consuming()
+        await self.consumer.rebalance()
         await self._announce()
         running = {job.task for job in self.jobs.values() if job.task is not None}
         if not running:
             return
         _, unfinished = await asyncio.wait(running, timeout=grace)
-        for task in unfinished:
-            task.cancel()
+        for job in list(self.jobs.values()):
+            self.runner.stop(job, "drain")
         if unfinished:
             await asyncio.wait(unfinished)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self.replies is not None:
-            await self.replies.flush()
+        await self.replies.stop()
         if self.ledger is not None:
             await self.ledger.close()
-        await self.link.close()
+        await self.consumer.close()
+        await self.publisher.close()
         await self.vllm.close()
 
-    def _on_connection_lost(self) -> None:
-        # The broker requeued our unacked messages and the gateways failed these requests (their
-        # reply addresses died with their connections): stop the vLLM work, without acking.
-        self._queues, self._control = [], None
-        self._consumer_tags = [None, None]
+    def _consumer_lost(self) -> None:
+        # The broker requeued our unacked messages: stop their vLLM work; the gateways take the
+        # redelivery if nothing reached their clients yet.
+        self.gateways.listening(False)
         for job in list(self.jobs.values()):
-            job.message = None  # type: ignore[assignment]
-            if job.task is not None:
-                job.task.cancel()
+            job.message = None
+            self.runner.stop(job, "lost")
+
+    def _frames_lost(self, frames: list[Frame]) -> None:
+        for request_id in {frame.request_id for frame in frames}:
+            job = self.jobs.get(request_id)
+            if job is not None:
+                self.runner.stop(job, "broken")
 
     # -- taking messages -------------------------------------------------------------------
 
     def _should_consume(self) -> bool:
-        if not (self.accepting and self.vllm_healthy):
+        if not (self.accepting and self.vllm_healthy and self.publisher.ready):
             return False
         waiting = (self.vllm_load or {}).get("vllm:num_requests_waiting", 0.0)
         if waiting == 0 or not self.jobs:
@@ -190,160 +186,79 @@ class Worker:
         recent = time.monotonic() - 1.0
         return waiting <= sum(1 for job in self.jobs.values() if job.received_at > recent)
 
-    async def _update_consuming(self) -> None:
-        # Serialised: two callers both seeing "no consumer" would start two.
-        async with self._consuming_lock:
-            channel, queues = self._channel, self._queues
-            if channel is None or not queues:
-                return
-            wanted = self._should_consume()
-            normal_limit = max(1, self.settings.max_concurrency - self.settings.reserved_slots)
-            try:
-                limits = (normal_limit, self.settings.max_concurrency)
-                for lane, (queue, limit) in enumerate(zip(queues, limits, strict=True)):
-                    tag = self._consumer_tags[lane]
-                    if wanted and tag is None:
-                        await channel.set_qos(prefetch_count=limit)  # for the consumer created next
-                        self._consumer_tags[lane] = await queue.consume(self._on_message)
-                    elif not wanted and tag is not None:
-                        self._consumer_tags[lane] = None
-                        await queue.cancel(tag)
-            except Exception as exc:  # broker down: the next connection starts over
-                log.warning("could not change consuming state: %s", type(exc).__name__)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        job = Job.from_message(message)
-        if not self.accepting:
+    async def _on_message(self, message: AbstractIncomingMessage, lane: int, tag: str) -> None:
+        job = Job.from_message(message, self.id)
+        job.lane, job.consumer_tag = lane, tag
+        if not self.accepting or len(self.jobs) >= self.settings.max_concurrency:
+            # Draining, or delivered in the moment a lane's consumer was being replaced: back to the
+            # queue, at its place (the consumers are paused meanwhile, so it is not handed back to us).
+            self.consumer.changed()
             await message.nack(requeue=True)
             return
+        self.jobs[job.request_id] = job  # holds the slot while we look at it
+        self.consumer.taken(lane, tag)
         if time.monotonic() - self._last_cancel_at < CANCEL_BURST:
             # Clients often hang up together (a process exits): the slot this message got was freed by
             # one cancellation while the message's own cancellation may still be on its way.
             await asyncio.sleep(CANCEL_BURST)
-        if self.cancelled.pop(job.request_id, None) is not None:
-            log.info("skipping a request cancelled while queued", extra={"request_id": job.request_id})
-            await message.ack()
-            self.accounting.finish(job, outcome="cancelled", status=0, usage=None, stream=False)
+        listening = await self.gateways.settle(job.gateway)
+        job.place_in_time(self.gateways.offset(job.gateway))
+        if listening == "gone" or self.cancelled.pop(job.request_id, None) is not None:
+            why = "its gateway is gone" if listening == "gone" else "it was cancelled while queued"
+            log.info("dropping a queued request: %s", why, extra={"request_id": job.request_id})
+            await self.runner.settle(job, "cancelled")
             return
         if job.expired():
-            self._send(job, Kind.ERROR, error_body(504, "The request timed out waiting in the queue."), 504)
-            await message.ack()
-            self.accounting.finish(job, outcome="error", status=504, usage=None, stream=False)
+            self.runner.send(job, Kind.ERROR, error_body(504, "The request timed out waiting in the queue."), 504)
+            await self.runner.settle(job, "error")
             return
-        self.jobs[job.request_id] = job
-        job.task = asyncio.create_task(self._serve(job))
+        self.runner.start(job)
 
-    # -- serving ---------------------------------------------------------------------------
+    def _released(self, job: Job) -> None:
+        if self.jobs.get(job.request_id) is job:
+            del self.jobs[job.request_id]
+        self.consumer.released(job.lane, job.consumer_tag)
 
-    def _send(self, job: Job, kind: Kind, data: bytes = b"", status: int = 0, usage: Usage | None = None) -> None:
-        assert self.replies is not None
-        frame = Frame(job.request_id, kind, data, status, self.id)
-        if usage is not None:
-            frame.prompt_tokens, frame.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        job.last_sent_at = time.monotonic()
-        if status:
-            job.status = status
-        self.replies.send(job.reply_to, frame)
+    def _vllm_failed(self, why: str) -> None:
+        if self.vllm_healthy:
+            log.warning("vLLM failed (%s): pausing the queue until it is healthy", why)
+            self.vllm_healthy = False
+            self.consumer.changed()
 
-    def _request_body(self, job: Job) -> tuple[dict[str, Any], bool, bool]:
-        """vLLM's request body, whether it streams, and whether the client asked for usage."""
-        body = _json.decode(job.message.body)
-        stream = bool(body.get("stream")) and job.endpoint != "embeddings"
-        wants_usage = True
-        if stream:
-            options = body.get("stream_options") or {}
-            wants_usage = bool(options.get("include_usage"))
-            # Always ask for usage, to account for it; the chunk is dropped again if unasked.
-            body["stream_options"] = {**options, "include_usage": True}
-        if self.settings.vllm_priority:
-            body["priority"] = vllm_priority(job.priority)
-        return body, stream, wants_usage
+    # -- control messages ------------------------------------------------------------------
 
-    async def _serve(self, job: Job) -> None:
-        self._send(job, Kind.ACCEPTED)
-        usage: Usage | None = None
-        outcome = "ok"
-        stream = False
-        clock: TokenClock | None = None
-        started_at: float | None = None
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:
-            body, stream, wants_usage = self._request_body(job)
-            clock = self.accounting.clock()
-            started_at = time.monotonic()
-            extra_headers = {"X-Request-Id": job.request_id}
-            if job.traceparent:
-                extra_headers[H_TRACEPARENT] = job.traceparent
-            async with self.vllm.open(job.endpoint, body, extra_headers) as upstream:
-                job.output_started = True
-                self._send(job, Kind.HEAD, upstream.headers.get("content-type", "").encode(), upstream.status_code)
-                if stream:
-                    async for event in sse_events(upstream):
-                        clock.event(event)
-                        if b'"usage":{' in event:
-                            usage = usage_of(event[event.find(b"{") :]) or usage
-                            if not wants_usage and USAGE_ONLY in event:
-                                continue
-                        self._send(job, Kind.DATA, event)
-                else:
-                    data = await upstream.read()
-                    usage = usage_of(data)
-                    self._send(job, Kind.DATA, data)
-            self._send(job, Kind.END, usage=usage)
-        except openai.APIStatusError as exc:  # vLLM refused it: its status and body, unchanged
-            outcome = "error"
-            self._send(job, Kind.ERROR, exc.response.content, exc.status_code)
-        except openai.APITimeoutError:
-            outcome = "error"
-            self._send(job, Kind.ERROR, error_body(504, "The inference server timed out."), 504)
-        except (openai.APIConnectionError, httpx2.TransportError):  # refused, or dropped mid-answer
-            outcome = "error"
-            self._send(job, Kind.ERROR, error_body(502, "The inference server is unreachable."), 502)
+            control = control_decoder.decode(message.body)
         except msgspec.DecodeError:
-            outcome = "error"
-            self._send(job, Kind.ERROR, error_body(400, "The request body is not valid JSON."), 400)
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            if not self.accepting and job.message is not None and not job.output_started:
-                await job.message.nack(requeue=True)  # shutting down: another worker takes it
-                job.message = None  # type: ignore[assignment]
-            elif not self.accepting:
-                self._send(job, Kind.ERROR, error_body(503, "The worker shut down mid-request."), 503)
-        except Exception:
-            outcome = "error"
-            log.exception("request failed", extra={"request_id": job.request_id})
-            self._send(job, Kind.ERROR, error_body(500, "The worker failed to process the request."), 500)
-        finally:
-            self.jobs.pop(job.request_id, None)
-            # No message left: the broker requeued the request, whoever serves it next records it.
-            requeued = job.message is None
-            if job.message is not None:
-                try:
-                    await job.message.ack()
-                except Exception as exc:  # the channel died with the broker: it requeued the message
-                    log.warning("could not ack: %s", type(exc).__name__)
-            log.info(
-                "request done",
-                extra={
-                    "request_id": job.request_id,
-                    "model": self.settings.model,
-                    "token": job.token_name,
-                    "outcome": outcome,
-                    "duration_s": round(time.monotonic() - job.received_at, 4),
-                    "requeued": requeued,
-                    "prompt_tokens": usage.prompt_tokens if usage else None,
-                    "completion_tokens": usage.completion_tokens if usage else None,
-                },
-            )
-            if not requeued:
-                self.accounting.finish(
-                    job,
-                    outcome=outcome,
-                    status=job.status,
-                    usage=usage,
-                    stream=stream,
-                    clock=clock,
-                    started_at=started_at,
-                )
+            return
+        if isinstance(control, GatewayAlive):
+            self.gateways.alive(control)
+        elif isinstance(control, Cancel):
+            self._cancel(control)
+        elif isinstance(control, GatewayGone):
+            self.gateways.gone(control.gateway)
+        elif isinstance(control, Discover):
+            await self._announce()
+
+    def _cancel(self, cancel: Cancel) -> None:
+        job = self.jobs.get(cancel.request_id)
+        if job is not None and job.task is not None:
+            if not cancel.attempt or cancel.attempt == job.attempt.id:
+                self._last_cancel_at = time.monotonic()
+                self.runner.stop(job, "cancel")
+        elif not cancel.attempt or (job is not None and cancel.attempt == job.attempt.id):
+            # Still queued, or dequeued and not started yet: dropped before it starts.
+            self.cancelled[cancel.request_id] = time.monotonic() + self.settings.queue_timeout + 60
+
+    def _gateway_gone(self, gateway: str) -> None:
+        stopped = 0
+        for job in list(self.jobs.values()):
+            if job.gateway == gateway:
+                self.runner.stop(job, "gateway")
+                stopped += 1
+        if stopped:
+            log.warning("gateway %s is gone: stopped %d requests nobody can receive", gateway, stopped)
 
     # -- background loops ------------------------------------------------------------------
 
@@ -355,18 +270,16 @@ class Worker:
                 self.vllm_healthy = healthy
                 await self._announce()
             self.vllm_load = await self.vllm.load() if healthy else None
-            await self._update_consuming()
+            self.consumer.changed()
             await asyncio.sleep(interval)
 
     async def _watch_queue_depth(self, interval: float = 2.0) -> None:
-        """The model's ready messages (normal + express queue), for dispatcher_queue_depth (a redeclare
-        with the same arguments returns the count; unlike a passive declare it cannot close the channel)."""
         gauge = self.accounting.metrics.queue_depth.labels(self.settings.model)
         while True:
             try:
-                counts = [(await queue.declare(timeout=5)).message_count or 0 for queue in self._queues]
-                if counts:
-                    gauge.set(sum(counts))
+                depth = await self.consumer.depth()
+                if depth is not None:
+                    gauge.set(depth)
             except Exception as exc:
                 log.debug("could not read the queue depth: %s", exc)
             await asyncio.sleep(interval)
@@ -379,36 +292,26 @@ class Worker:
     async def _announce(self) -> None:
         if self._control is None:
             return
-        announce = Announce(self.id, self.settings.model, self.free_slots, self.settings.max_concurrency, self.ready)
+        announce = Announce(self.id, self.settings.model, self.ready)
         try:
             await self._control.publish(aio_pika.Message(control_encoder.encode(announce)), routing_key="")
         except Exception as exc:
             log.debug("could not announce: %s", exc)
 
     async def _heartbeats(self) -> None:
+        """Heartbeat frames while vLLM is silent; abort requests vLLM stopped answering."""
         interval = self.settings.heartbeat_interval
+        stall = self.settings.vllm_stall_timeout
+        tick = min(interval / 2, 1.0)
         while True:
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(tick)
             now = time.monotonic()
             for job in list(self.jobs.values()):
-                if now - job.last_sent_at >= interval:
-                    self._send(job, Kind.HEARTBEAT)
-            horizon = now
-            self.cancelled = {rid: until for rid, until in self.cancelled.items() if until > horizon}
-
-    async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        try:
-            control = control_decoder.decode(message.body)
-        except msgspec.DecodeError:
-            return
-        if isinstance(control, Cancel):
-            if control.worker and control.worker != self.id:
-                return
-            job = self.jobs.get(control.request_id)
-            if job is not None and job.task is not None:
-                self._last_cancel_at = time.monotonic()
-                job.task.cancel()
-            elif not control.worker:
-                self.cancelled[control.request_id] = time.monotonic() + self.settings.queue_timeout + 60
-        elif isinstance(control, Discover):
-            await self._announce()
+                if job.task is None or job.task.done():
+                    continue
+                if stall and now - job.last_upstream_at > stall:
+                    log.warning("vLLM sent nothing for %.0fs: aborting", stall, extra={"request_id": job.request_id})
+                    self.runner.stop(job, "stall")
+                elif now - job.last_sent_at >= interval:
+                    self.runner.send(job, Kind.HEARTBEAT)
+            self.cancelled = {rid: until for rid, until in self.cancelled.items() if until > now}

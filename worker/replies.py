@@ -1,14 +1,17 @@
-"""Frames back to the gateways, batched: one AMQP message per gateway channel per flush.
+"""Frames back to the gateways: batched per gateway channel, sent in order by one flusher.
 
-Replies go to direct reply-to addresses with ``mandatory=False`` and without publisher confirms:
-a reply to a gateway that is gone is dropped by the broker, and the gateway learns about a lost
-worker from missing heartbeats instead.
+Replies go to direct reply-to addresses with ``mandatory=False`` and without publisher confirms
+(a reply to a gateway that is gone is dropped by the broker; gateway liveness tells us instead).
+A single task publishes the batches one after another, so frames can never overtake each other;
+``sent()`` waits until everything queued before it has left, so that a request is acked only once
+its END is on its way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
@@ -19,29 +22,69 @@ log = logging.getLogger("dispatcher.worker.replies")
 
 
 class ReplySender:
-    def __init__(self, channel: AbstractChannel, flush_interval: float) -> None:
-        self.channel = channel
+    def __init__(self, flush_interval: float, on_lost: Callable[[list[Frame]], None]) -> None:
+        self.channel: AbstractChannel | None = None
         self.flush_interval = flush_interval
+        self.on_lost = on_lost  # frames that could not be sent (their attempts are broken)
         self._buffers: dict[str, list[Frame]] = {}
-        self._flush_scheduled = False
-        self._flushing: asyncio.Task[None] | None = None
+        self._due = asyncio.Event()
+        self._scheduled = False
+        self._sent: asyncio.Future[None] | None = None  # resolved when the current buffers have left
+        self._flushing: asyncio.Future[None] | None = None  # the batches being published now
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        await self.flush_now()
+        if self._task is not None:
+            self._task.cancel()
 
     def send(self, reply_to: str, frame: Frame) -> None:
         """Queue a frame; it leaves within ``flush_interval``."""
         self._buffers.setdefault(reply_to, []).append(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(self.flush_interval, self._start_flush)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.flush_interval, self._due.set)
 
-    def _start_flush(self) -> None:
-        self._flushing = asyncio.get_running_loop().create_task(self.flush())
+    async def sent(self) -> None:
+        """Wait until every frame queued so far has been published (or given up)."""
+        if not self._buffers:
+            if self._flushing is not None and not self._flushing.done():
+                await asyncio.shield(self._flushing)
+            return
+        if self._sent is None:
+            self._sent = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._sent)
 
-    async def flush(self) -> None:
-        self._flush_scheduled = False
-        buffers, self._buffers = self._buffers, {}
-        for reply_to, frames in buffers.items():
-            message = aio_pika.Message(frames_encoder.encode(frames), content_type="application/msgpack")
+    async def flush_now(self) -> None:
+        if self._buffers:
+            self._due.set()
+            await self.sent()
+
+    async def _run(self) -> None:
+        while True:
+            await self._due.wait()
+            self._due.clear()
+            self._scheduled = False
+            buffers, self._buffers = self._buffers, {}
+            sent, self._sent = self._sent, None
+            self._flushing = sent or asyncio.get_running_loop().create_future()
             try:
-                await self.channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
-            except Exception as exc:  # the broker is gone: the gateways fail these streams themselves
-                log.warning("could not send %d frames: %s", len(frames), type(exc).__name__)
+                for reply_to, frames in buffers.items():
+                    await self._publish(reply_to, frames)
+            finally:
+                if not self._flushing.done():
+                    self._flushing.set_result(None)
+
+    async def _publish(self, reply_to: str, frames: list[Frame]) -> None:
+        channel = self.channel
+        message = aio_pika.Message(frames_encoder.encode(frames), content_type="application/msgpack")
+        try:
+            if channel is None or channel.is_closed:
+                raise ConnectionError("no reply channel")
+            await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+        except Exception as exc:  # the broker is gone: these attempts can no longer answer
+            log.warning("could not send %d frames: %s", len(frames), type(exc).__name__)
+            self.on_lost(frames)

@@ -1,0 +1,201 @@
+"""The reply protocol: how one request's frames get from its worker to its client exactly once.
+
+A request may be delivered more than once by RabbitMQ (its worker died or only lost its
+connection, or gave it back because vLLM failed). Each delivery is an *attempt* with its own id,
+and numbers its frames 0, 1, 2... (``Frame.seq``). The worker side is ``Attempt``; the gateway side
+is ``Inbox``, a small state machine per request:
+
+    WAITING --ACCEPTED(seq 0) of attempt A--> RUNNING(A)
+    RUNNING(A) --REQUEUED(A)--> WAITING                  A gave the request back before any output
+    RUNNING(A) --ACCEPTED(seq 0) of B--> RUNNING(B)      only while nothing reached the client:
+                                                         A's frames not yet relayed are dropped,
+                                                         A is told to stop
+    RUNNING(A) --commit(A)--> COMMITTED(A)               the first body byte goes to the client
+    COMMITTED(A) --ACCEPTED of B--> ENDED (error)        never splice two attempts: the stream ends
+                                                         with an error event, B is told to stop
+    RUNNING/COMMITTED(A) --frame of A out of order--> ENDED (error)   a gap or reordering
+    any --END/ERROR of the current attempt--> ENDED      END: every frame before it arrived
+
+Frames of an attempt that is not the current one are never relayed; ``feed`` returns the attempts
+to cancel so that no GPU works for an answer nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+
+from dispatcher.errors import error_body
+from dispatcher.wire import Frame, Kind
+
+
+class State(enum.Enum):
+    WAITING = "waiting"  # in the queue (or back in it)
+    RUNNING = "running"  # an attempt runs; nothing reached the client yet
+    COMMITTED = "committed"  # body bytes of the current attempt reached the client
+    ENDED = "ended"
+
+
+class Attempt:
+    """The worker's side: numbers the frames of one delivery attempt."""
+
+    __slots__ = ("id", "next_seq")
+
+    def __init__(self, attempt_id: str) -> None:
+        self.id = attempt_id
+        self.next_seq = 0
+
+    def frame(self, request_id: str, kind: Kind, data: bytes = b"", status: int = 0) -> Frame:
+        frame = Frame(request_id, kind, data, status, self.id, self.next_seq)
+        self.next_seq += 1
+        return frame
+
+
+class Inbox:
+    """The gateway's side for one request: accepts, orders and buffers its frames."""
+
+    __slots__ = (
+        "_buffered_bytes",
+        "_frames",
+        "_next_seq",
+        "_waiter",
+        "accepted_at",
+        "attempt",
+        "created_at",
+        "max_buffered_bytes",
+        "model",
+        "on_abandon",
+        "read_at",
+        "request_id",
+        "state",
+    )
+
+    def __init__(self, request_id: str, model: str, *, max_buffered_bytes: int = 4 << 20) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.max_buffered_bytes = max_buffered_bytes
+        self.state = State.WAITING
+        self.attempt = ""  # the current attempt
+        self._next_seq = 0
+        self.accepted_at: float | None = None  # monotonic; None while waiting in the queue
+        self.created_at = self.read_at = time.monotonic()
+        self._frames: deque[Frame] = deque()
+        self._buffered_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None  # set while the relay waits for frames
+        # Called by the gateway's sweep when nobody has read this inbox for too long.
+        self.on_abandon: Callable[[], None] | None = None
+
+    # -- from the reply consumer -------------------------------------------------------------
+
+    def feed(self, frame: Frame) -> list[str]:
+        """Take one frame. Returns the attempts that must be told to stop (usually none)."""
+        if self.state is State.ENDED:
+            return [frame.attempt] if frame.kind not in (Kind.END, Kind.ERROR) else []
+        if frame.attempt != self.attempt or self.state is State.WAITING:
+            return self._other_attempt(frame)
+        if frame.seq != self._next_seq:
+            # Frames of one attempt travel in order on one channel: a gap means some were lost.
+            self._end(502, "Part of the answer was lost in transit; please retry.")
+            return [frame.attempt]
+        self._next_seq += 1
+        if frame.kind is Kind.REQUEUED:
+            # Back in the queue: drop what this attempt sent (a HEAD at most) and wait again.
+            self._drop_buffered()
+            self.state, self.attempt, self.accepted_at = State.WAITING, "", None
+            self._wake()
+            return []
+        if frame.kind in (Kind.END, Kind.ERROR):
+            self.state = State.ENDED
+        self._append(frame)
+        return []
+
+    def _other_attempt(self, frame: Frame) -> list[str]:
+        if frame.kind is not Kind.ACCEPTED or frame.seq != 0:
+            return [frame.attempt]  # a stale attempt (one we replaced) still talking
+        if self.state is State.COMMITTED:
+            # The answer was partly sent by an attempt that is gone: repeating it would splice two
+            # answers into one stream.
+            self._end(502, "The worker serving this request was lost mid-stream; please retry.")
+            return [frame.attempt]
+        stale = [self.attempt] if self.attempt else []
+        self._drop_buffered()
+        self.state, self.attempt, self._next_seq = State.RUNNING, frame.attempt, 1
+        self.accepted_at = time.monotonic()
+        self._append(frame)
+        return stale
+
+    def _append(self, frame: Frame) -> None:
+        self._frames.append(frame)
+        self._buffered_bytes += len(frame.data)
+        if self._buffered_bytes > self.max_buffered_bytes and self.state is not State.ENDED:
+            # The client reads slower than the answer comes: bound the memory it can pin.
+            self._drop_buffered()
+            self._end(502, "The client read the answer too slowly; the stream was stopped.")
+            return
+        self._wake()
+
+    def _drop_buffered(self) -> None:
+        self._frames.clear()
+        self._buffered_bytes = 0
+
+    def _end(self, status: int, message: str) -> None:
+        """End the request here with an error frame of our own (attempt "")."""
+        self.state = State.ENDED
+        self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
+        self._wake()
+
+    # -- from the gateway ----------------------------------------------------------------------
+
+    def fail(self, status: int, message: str) -> str:
+        """End the request with an error (broker lost, timeout...). Returns the attempt to stop."""
+        attempt = self.attempt if self.state is not State.ENDED else ""
+        if self.state is not State.ENDED:
+            self._end(status, message)
+        return attempt
+
+    @property
+    def ended(self) -> bool:
+        return self.state is State.ENDED
+
+    def current(self, frame: Frame) -> bool:
+        """Whether a frame handed out by ``next_frames`` still belongs to the answer."""
+        return frame.attempt == self.attempt or not frame.attempt
+
+    def commit(self, frame: Frame) -> bool:
+        """Body bytes of ``frame``'s attempt are about to reach the client. False: drop them (the
+        attempt was replaced since they were handed out)."""
+        if not self.current(frame):
+            return False
+        if self.state is State.RUNNING:
+            self.state = State.COMMITTED
+        return True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_frames(self, timeout: float | None) -> list[Frame]:
+        """Every frame that has arrived, waiting up to ``timeout`` for one ([] on timeout)."""
+        self.read_at = time.monotonic()
+        if not self._frames:
+            # A bare future and timer: asyncio.wait_for would wrap every wait in a new task, and this
+            # runs once per batch of frames per stream.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, self._wake)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            self.read_at = time.monotonic()
+            if not self._frames:
+                return []  # timed out
+        frames = list(self._frames)
+        self._drop_buffered()
+        return frames

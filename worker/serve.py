@@ -1,0 +1,241 @@
+"""Serving one job: call vLLM, stream its answer back as frames, settle the message.
+
+How a job ends decides what happens to its message:
+- answered, refused by vLLM with a client error, or cancelled: acked (done);
+- vLLM refused, reset or died before any output: handed back to the queue (REQUEUED frame, nack),
+  and the worker pauses consuming at once rather than at the next health poll;
+- its consuming connection was lost: the broker already requeued it;
+- output had started: it can't be restarted, so the client gets an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import msgspec
+import openai
+
+from dispatcher.errors import error_body
+from dispatcher.settings import WorkerSettings
+from dispatcher.wire import H_TRACEPARENT, Kind, vllm_priority
+from worker.accounting import TokenClock, WorkerAccounting
+from worker.job import Job, Usage, usage_of
+from worker.replies import ReplySender
+from worker.vllm import VLLMClient, sse_events
+
+if TYPE_CHECKING:
+    from worker.usage import UsageLedger
+
+log = logging.getLogger("dispatcher.worker")
+
+_json = msgspec.json.Decoder(dict[str, Any])
+_USAGE = b'"usage"'
+_USAGE_ONLY = b'"choices":[]'
+# vLLM answers these while it starts or stops: the request did not run, another try may.
+RETRYABLE_STATUS = {502, 503}
+
+
+class RequeueRequest(Exception):
+    """vLLM failed before producing any output: give the request back to the queue."""
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        vllm: VLLMClient,
+        replies: ReplySender,
+        accounting: WorkerAccounting,
+        *,
+        vllm_failed: Callable[[str], None],
+        released: Callable[[Job], None],
+    ) -> None:
+        self.settings = settings
+        self.vllm = vllm
+        self.replies = replies
+        self.accounting = accounting
+        self.vllm_failed = vllm_failed  # pause consuming until vLLM is healthy again
+        self.released = released  # the job's slot is free
+        self.ledger: UsageLedger | None = accounting.ledger
+
+    def send(self, job: Job, kind: Kind, data: bytes = b"", status: int = 0, usage: Usage | None = None) -> None:
+        frame = job.attempt.frame(job.request_id, kind, data, status)
+        if usage is not None:
+            frame.prompt_tokens, frame.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        job.last_sent_at = time.monotonic()
+        if status:
+            job.status = status
+        if kind is Kind.DATA:
+            job.output_started = True
+        self.replies.send(job.reply_to, frame)
+
+    def request_body(self, job: Job, raw: bytes) -> tuple[dict[str, Any], bool, bool]:
+        """vLLM's request body, whether it streams, and whether the client asked for usage."""
+        body = _json.decode(raw)
+        stream = body.get("stream") is True and job.endpoint != "embeddings"
+        wants_usage = True
+        if stream:
+            options = body.get("stream_options")
+            options = options if isinstance(options, dict) else {}
+            wants_usage = options.get("include_usage") is True
+            # Always ask for usage, to account for it; the chunk is dropped again if unasked.
+            body["stream_options"] = {**options, "include_usage": True}
+        if self.settings.vllm_priority:
+            body["priority"] = vllm_priority(job.priority)
+        return body, stream, wants_usage
+
+    def start(self, job: Job) -> None:
+        job.task = asyncio.get_running_loop().create_task(self.run(job))
+        # A task cancelled before it ever ran skips run()'s finally: settle it here then.
+        job.task.add_done_callback(lambda _: job.settled or asyncio.ensure_future(self.settle(job, "cancelled")))
+
+    def stop(self, job: Job, reason: str) -> None:
+        if job.task is not None and not job.task.done():
+            job.stop_reason = job.stop_reason or reason
+            job.task.cancel()
+
+    async def run(self, job: Job) -> None:
+        self.send(job, Kind.ACCEPTED)
+        usage: Usage | None = None
+        outcome = "ok"
+        stream = False
+        clock: TokenClock | None = None
+        started_at: float | None = None
+        chunks = 0
+        try:
+            assert job.message is not None
+            body, stream, wants_usage = self.request_body(job, job.message.body)
+            clock = self.accounting.clock()
+            started_at = time.monotonic()
+            headers = {"X-Request-Id": job.request_id}
+            if job.traceparent:
+                headers[H_TRACEPARENT] = job.traceparent
+            try:
+                async with self.vllm.open(job.endpoint, body, headers) as upstream:
+                    job.last_upstream_at = time.monotonic()
+                    self.send(job, Kind.HEAD, upstream.headers.get("content-type", "").encode(), upstream.status_code)
+                    if stream:
+                        async for event in sse_events(upstream):
+                            job.last_upstream_at = time.monotonic()
+                            clock.event(event)
+                            if _USAGE in event and (found := usage_of(event[event.find(b"{") :])) is not None:
+                                usage = found
+                                if not wants_usage and _USAGE_ONLY in event.replace(b" ", b""):
+                                    continue
+                            chunks += 1
+                            self.send(job, Kind.DATA, event)
+                    else:
+                        data = await upstream.read()
+                        usage = usage_of(data)
+                        self.send(job, Kind.DATA, data)
+            except openai.APIStatusError as exc:
+                if exc.status_code in RETRYABLE_STATUS and not job.output_started:
+                    raise RequeueRequest(f"vLLM answered {exc.status_code}") from exc
+                raise
+            except (openai.APIConnectionError, httpx2.TransportError) as exc:
+                if not isinstance(exc, openai.APITimeoutError) and not job.output_started:
+                    raise RequeueRequest(type(exc).__name__) from exc
+                raise
+            self.send(job, Kind.END, usage=usage)
+        except RequeueRequest as exc:
+            outcome = "requeued"
+            log.warning("vLLM failed before any output (%s): request back to the queue", exc)
+            self.vllm_failed(str(exc))
+            self.send(job, Kind.REQUEUED)
+            await self._hand_back(job)
+        except openai.APIStatusError as exc:  # vLLM refused it: its status and body, unchanged
+            outcome = "error"
+            self.send(job, Kind.ERROR, exc.response.content, exc.status_code)
+        except openai.APITimeoutError:
+            outcome = "error"
+            self.send(job, Kind.ERROR, error_body(504, "The inference server timed out."), 504)
+        except (openai.APIConnectionError, httpx2.TransportError):  # dropped mid-answer
+            outcome = "error"
+            self.send(job, Kind.ERROR, error_body(502, "The inference server failed mid-answer."), 502)
+        except msgspec.DecodeError:
+            outcome = "error"
+            self.send(job, Kind.ERROR, error_body(400, "The request body is not valid JSON."), 400)
+        except asyncio.CancelledError:
+            outcome = await self._stopped(job)
+        except Exception:
+            outcome = "error"
+            log.exception("request failed", extra={"request_id": job.request_id})
+            self.send(job, Kind.ERROR, error_body(500, "The worker failed to process the request."), 500)
+        finally:
+            if usage is None and chunks and outcome != "requeued":
+                usage = Usage(0, chunks)  # counted from content chunks: an estimate
+            await self.settle(job, outcome, usage=usage, stream=stream, clock=clock, started_at=started_at)
+
+    async def _stopped(self, job: Job) -> str:
+        """The job's task was cancelled from outside; ``job.stop_reason`` says why."""
+        reason = job.stop_reason
+        if reason == "stall":
+            self.vllm_failed("no bytes from vLLM for too long")
+            self.send(job, Kind.ERROR, error_body(504, "The inference server stalled."), 504)
+            return "error"
+        if reason in ("lost", "drain", "broken") and not job.output_started:
+            if reason != "broken":
+                self.send(job, Kind.REQUEUED)
+            await self._hand_back(job)  # another worker (or this one, reconnected) serves it
+            return "requeued"
+        if reason == "lost":
+            self.send(job, Kind.ERROR, error_body(502, "The worker lost the message broker mid-answer."), 502)
+        elif reason == "drain":
+            self.send(job, Kind.ERROR, error_body(503, "The worker shut down mid-request."), 503)
+        return "cancelled"
+
+    async def _hand_back(self, job: Job) -> None:
+        message, job.message = job.message, None
+        if message is not None:
+            try:
+                await message.nack(requeue=True)
+            except Exception as exc:  # its channel is gone: the broker requeued it already
+                log.debug("could not nack: %s", type(exc).__name__)
+
+    async def settle(
+        self,
+        job: Job,
+        outcome: str,
+        *,
+        usage: Usage | None = None,
+        stream: bool = False,
+        clock: TokenClock | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        if job.settled:
+            return
+        job.settled = True
+        try:
+            # END (or ERROR) must be on its way before the message is acked: acked and not sent would
+            # be a request nobody answers and nobody retries.
+            await self.replies.sent()
+            message, job.message = job.message, None
+            if message is not None:
+                try:
+                    await message.ack()
+                except Exception as exc:  # the channel died with the broker: it requeued the message
+                    log.warning("could not ack: %s", type(exc).__name__)
+                    outcome = "requeued"
+        finally:
+            self.released(job)
+        log.info(
+            "request done",
+            extra={
+                "request_id": job.request_id,
+                "model": self.settings.model,
+                "token": job.token_name,
+                "outcome": outcome,
+                "duration_s": round(time.monotonic() - job.received_at, 4),
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            },
+        )
+        if outcome != "requeued":  # whoever serves it next records it
+            self.accounting.finish(
+                job, outcome=outcome, status=job.status, usage=usage, stream=stream, clock=clock, started_at=started_at
+            )
