@@ -1878,3 +1878,16 @@ def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
         "keda reads the queue depth": True,
         "keda reads a message": False,
     }
+
+
+def test_usage_write_ahead_log_is_on_a_writable_volume(rendered) -> None:
+    """The root filesystem is read-only: the usage WAL ($XDG_STATE_HOME) must sit on a mounted volume."""
+    for case, docs in rendered.items():
+        for owner, spec in pod_specs(docs):
+            for c in containers(spec):
+                env = env_map(c)
+                if "DISPATCHER_USAGE_STREAM_URL" not in env:
+                    continue
+                mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")]
+                state = env["XDG_STATE_HOME"]
+                assert any(state == m or state.startswith(m.rstrip("/") + "/") for m in mounts), (case, c["name"])

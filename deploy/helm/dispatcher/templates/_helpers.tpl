@@ -232,6 +232,10 @@ Usage: include "dispatcher.env.rabbitmq" (dict "root" $ "role" "gateway"|"worker
   value: {{ $root.Values.config.usage.maxAge | quote }}
 - name: DISPATCHER_USAGE_MAX_BYTES
   value: {{ $root.Values.config.usage.maxBytes | int64 | toString | quote }}
+# The write-ahead log of unconfirmed usage records lives under $XDG_STATE_HOME: on the writable /tmp
+# volume (the root filesystem is read-only), which outlives a container restart.
+- name: XDG_STATE_HOME
+  value: /tmp/state
 {{- end }}
 {{- end -}}
 
