@@ -1883,7 +1883,7 @@ def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
 def test_usage_write_ahead_log_is_on_a_writable_volume(rendered) -> None:
     """The root filesystem is read-only: the usage WAL ($XDG_STATE_HOME) must sit on a mounted volume."""
     for case, docs in rendered.items():
-        for owner, spec in pod_specs(docs):
+        for _, spec in pod_specs(docs):
             for c in containers(spec):
                 env = env_map(c)
                 if "DISPATCHER_USAGE_STREAM_URL" not in env:
