@@ -136,7 +136,7 @@ class Relay:
                         self._finish(frame)
                     elif frame.kind is Kind.ERROR:
                         out.append(b"data: " + frame.data + b"\n\n" + DONE)
-                        self.outcome.status = self.outcome.status or frame.status
+                        self.outcome.status = frame.status or 502  # an error, even after a 200 head
                         self.outcome.completed = True
                     elif frame.kind is Kind.HEAD:
                         self.outcome.status = frame.status
