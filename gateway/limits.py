@@ -34,7 +34,7 @@ from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
 
 if TYPE_CHECKING:
-    from gateway.relay import Exchange
+    from gateway.relay import Relay
 
 log = logging.getLogger("dispatcher.gateway.limits")
 
@@ -303,8 +303,8 @@ class Admission:
         self._accepted = True
         self._limiter.counters.accepted(self.name, self.request_id)  # queued, sent with others: no await
 
-    def release(self, exchange: Exchange) -> None:
-        """The close hook of the request's Exchange: charge what vLLM reported it used."""
+    def release(self, exchange: Relay) -> None:
+        """The close hook of the request's Relay: charge what vLLM reported it used."""
         self.finish(exchange.outcome.prompt_tokens, exchange.outcome.completion_tokens)
 
     def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
