@@ -1817,6 +1817,42 @@ async def _exercise_permissions(url: str, perms_users: dict[str, str]) -> dict[s
     return results
 
 
+async def _exercise_stream_permissions(vhost: str, password: str, users: dict[str, str]) -> dict[str, bool]:
+    """The usage ledger over the stream protocol: writers (gateway, worker) and the ledger reader."""
+    from rstream import AMQPMessage, Consumer, ConsumerOffsetSpecification, OffsetType, Producer
+    from rstream.exceptions import AccessRefused
+
+    def address(role: str) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": 5552, "vhost": vhost, "username": users[role], "password": password}
+
+    results: dict[str, bool] = {}
+    for role in ("worker", "gateway", "ledger-reader"):
+        producer = Producer(**address(role))
+        try:
+            await producer.create_stream("usage", exists_ok=True)
+            await producer.send_wait("usage", AMQPMessage(body=f"record from {role}".encode()))
+            results[f"{role} writes usage"] = True
+        except AccessRefused:
+            results[f"{role} writes usage"] = False
+        finally:
+            await producer.close()
+    for role in ("ledger-reader", "worker"):
+        consumer = Consumer(**address(role))
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+        try:
+            await consumer.subscribe(
+                "usage",
+                lambda body, _ctx, queue=received: queue.put_nowait(body),
+                offset_specification=ConsumerOffsetSpecification(OffsetType.FIRST, None),
+            )
+            results[f"{role} reads usage"] = bool(await asyncio.wait_for(received.get(), 5))
+        except AccessRefused:
+            results[f"{role} reads usage"] = False
+        finally:
+            await consumer.close()
+    return results
+
+
 def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
     """The Permission regexes applied with rabbitmqctl to the local RabbitMQ, then exercised over AMQP."""
     if shutil.which("rabbitmqctl") is None:
@@ -1828,6 +1864,7 @@ def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
         "gateway": perms["gateway"],
         "worker": perms["worker:meta-llama-llama-3-1-8b-instruct"],
         "keda": perms["keda"],
+        "ledger-reader": perms["ledger-reader"],
     }
     suffix = secrets.token_hex(4)
     vhost, password = f"chart-perms-{suffix}", secrets.token_hex(16)
@@ -1854,6 +1891,7 @@ def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
     try:
         url = f"amqp://{{user}}:{password}@127.0.0.1:5672/{vhost}"
         results = asyncio.run(_exercise_permissions(url, users))
+        streams = asyncio.run(_exercise_stream_permissions(vhost, password, users))
     finally:
         names = ", ".join(f'<<"{u}">>' for u in users.values())
         _rabbitmqctl(
@@ -1877,6 +1915,13 @@ def test_rendered_permissions_hold_on_a_real_broker(rendered) -> None:
         "keda depth": True,
         "keda reads the queue depth": True,
         "keda reads a message": False,
+    }
+    assert streams == {
+        "worker writes usage": True,
+        "gateway writes usage": True,
+        "ledger-reader writes usage": False,
+        "ledger-reader reads usage": True,
+        "worker reads usage": False,
     }
 
 
