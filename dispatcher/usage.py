@@ -4,8 +4,14 @@ Workers append records (``worker/usage.py``); ``dispatcher usage`` reads them fr
 and totals them per token and model. Records are JSON, sent as plain bytes (one codec for the whole
 stream: never mix in AMQP 1.0 messages).
 
-Token counts are the ones vLLM reported: a request that ended before vLLM sent its usage (cancelled
-early, or failed) has ``usage_reported = False`` and zero counts, never an estimate.
+Token counts are the ones the server reported. Where it reported none, the worker counts the content
+chunks it relayed and marks the record ``estimated``; a request that ended before any output has
+``usage_reported = False`` and zero counts. Requests the gateway refused (429 from a rate limit or a
+full queue) have a record too, with outcome ``rejected`` and zero counts.
+
+Each request is counted once: the producer deduplicates on the stream (``dispatcher/ledger.py``), and
+``summarize`` keeps one record per request id should a request still appear twice (e.g. a worker
+that died after its record but before its ack, and the request's redelivery).
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     priority: int
     endpoint: str
     stream: bool
-    outcome: str  # ok | error | cancelled
+    outcome: str  # ok | error | cancelled | rejected (refused at the gateway, never queued)
     status: int  # vLLM's HTTP status, or the error status the client got (0: never reached vLLM)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    usage_reported: bool = False  # did vLLM report the counts (False: cancelled/failed before it did)
+    usage_reported: bool = False  # are there counts at all (False: cancelled/failed before any output)
+    estimated: bool = False  # counted from the content chunks relayed: the server reported no usage
     queue_wait: float | None = None  # seconds from publish to the worker taking it
     ttft: float | None = None  # seconds from publish to the first token (streamed requests)
     duration: float = 0.0  # seconds from publish to the end
@@ -204,6 +211,21 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
+def _preference(record: UsageRecord) -> tuple[bool, bool, int]:
+    """Which of two records of one request counts: an answered one, with reported counts, the most tokens."""
+    return (record.outcome == "ok", not record.estimated, record.prompt_tokens + record.completion_tokens)
+
+
+def unique(records: Iterable[UsageRecord]) -> list[UsageRecord]:
+    """One record per request id, in stream order (the first of equals wins)."""
+    kept: dict[str, UsageRecord] = {}
+    for record in records:
+        seen = kept.get(record.request_id)
+        if seen is None or _preference(record) > _preference(seen):
+            kept[record.request_id] = record
+    return list(kept.values())
+
+
 @dataclass
 class UsageTotals:
     token: str
@@ -212,6 +234,8 @@ class UsageTotals:
     ok: int = 0
     errors: int = 0
     cancelled: int = 0
+    rejected: int = 0
+    estimated: int = 0  # requests whose counts were estimated from the chunks
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttfts: list[float] = field(default_factory=list, repr=False)
@@ -222,8 +246,11 @@ class UsageTotals:
             self.ok += 1
         elif record.outcome == "cancelled":
             self.cancelled += 1
+        elif record.outcome == "rejected":
+            self.rejected += 1
         else:
             self.errors += 1
+        self.estimated += record.estimated
         self.prompt_tokens += record.prompt_tokens
         self.completion_tokens += record.completion_tokens
         if record.ttft is not None:
@@ -238,6 +265,8 @@ class UsageTotals:
             "ok": self.ok,
             "errors": self.errors,
             "cancelled": self.cancelled,
+            "rejected": self.rejected,
+            "estimated": self.estimated,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "ttft_p50": None if p50 is None else round(p50, 4),
@@ -246,9 +275,9 @@ class UsageTotals:
 
 
 def summarize(records: Iterable[UsageRecord]) -> list[dict[str, object]]:
-    """One row per (token, model), sorted by token then model."""
+    """One row per (token, model), sorted by token then model; each request counted once."""
     totals: dict[tuple[str, str], UsageTotals] = {}
-    for record in records:
+    for record in unique(records):
         key = (record.token, record.model)
         if key not in totals:
             totals[key] = UsageTotals(*key)
@@ -257,7 +286,7 @@ def summarize(records: Iterable[UsageRecord]) -> list[dict[str, object]]:
 
 
 COLUMNS = (
-    "token", "model", "requests", "ok", "errors", "cancelled",
+    "token", "model", "requests", "ok", "errors", "cancelled", "rejected", "estimated",
     "prompt_tokens", "completion_tokens", "ttft_p50", "ttft_p95",
 )  # fmt: skip
 

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,9 +46,14 @@ async def delete_stream(name: str) -> None:
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stream = "test-usage-" + uuid.uuid4().hex[:10]
+    tmp = tmp_path_factory.mktemp("ledger")
     stack = Stack(
-        tmp_path_factory.mktemp("ledger"),
-        env={"DISPATCHER_USAGE_STREAM_URL": STREAM_URL, "DISPATCHER_USAGE_STREAM_NAME": stream},
+        tmp,
+        env={
+            "DISPATCHER_USAGE_STREAM_URL": STREAM_URL,
+            "DISPATCHER_USAGE_STREAM_NAME": stream,
+            "DISPATCHER_USAGE_WAL": str(tmp / "usage.wal"),
+        },
     )
     stack.stream = stream  # type: ignore[attr-defined]
     try:
@@ -81,7 +87,7 @@ def usage_chunk(raw: bytes) -> dict[str, int] | None:
 
 
 async def wait_records(stack: Stack, since: float, token: str, count: int) -> list[UsageRecord]:
-    """The token's records once ``count`` have arrived (records are flushed every 0.2 s)."""
+    """The token's records once ``count`` have arrived (a cancelled request's may come a little later)."""
     deadline = time.monotonic() + 20
     while True:
         records = [r for r in await read_usage(STREAM_URL, stack.stream, since) if r.token == token]  # type: ignore[attr-defined]
@@ -113,19 +119,22 @@ async def test_one_record_per_request_with_the_clients_counts(ledger: Stack) -> 
         # Cancelled mid-stream: the client leaves after the first chunk of a long answer.
         async with client.stream("POST", "/v1/chat/completions", json=body(ledger, stream=True, max_tokens=3000)) as s:
             await anext(s.aiter_bytes())
-            expected[s.headers["x-request-id"]] = {"outcome": "cancelled", "usage": None}
+            # Charged what was generated before the client left (issue 13), not zero.
+            expected[s.headers["x-request-id"]] = {"outcome": "cancelled", "charged": True}
     records = await wait_records(ledger, since, "ledger-a", len(expected))
     by_id: dict[str, list[UsageRecord]] = {}
     for record in records:
         by_id.setdefault(record.request_id, []).append(record)
-    assert sorted(by_id) == sorted(expected)
+    assert sorted(by_id) == sorted(expected), [(seen, rid in by_id) for rid, seen in expected.items()]
     for request_id, seen in expected.items():
         assert len(by_id[request_id]) == 1, request_id
         record = by_id[request_id][0]
         assert record.outcome == seen["outcome"], record
         assert record.model == ledger.model and record.priority == 6 and record.worker
         assert since <= record.time <= time.time()
-        if "usage" in seen:
+        if "charged" in seen:
+            assert record.completion_tokens > 0 and record.usage_reported
+        elif "usage" in seen:
             usage = seen["usage"] or {"prompt_tokens": 0, "completion_tokens": 0}
             assert (record.prompt_tokens, record.completion_tokens) == (
                 usage["prompt_tokens"],  # type: ignore[index]
@@ -246,8 +255,8 @@ def test_time_parsing_and_percentiles() -> None:
     ]  # fmt: skip
     (row,) = summarize(records)
     assert row == {
-        "token": "t", "model": "m", "requests": 4, "ok": 2, "errors": 1, "cancelled": 1,
-        "prompt_tokens": 8, "completion_tokens": 12, "ttft_p50": 0.2, "ttft_p95": 0.4,
+        "token": "t", "model": "m", "requests": 4, "ok": 2, "errors": 1, "cancelled": 1, "rejected": 0,
+        "estimated": 0, "prompt_tokens": 8, "completion_tokens": 12, "ttft_p50": 0.2, "ttft_p95": 0.4,
     }  # fmt: skip
     address = StreamAddress.parse("rabbitmq-stream://u%40x:p%2Fw@broker:5553/%2Fprod")
     assert (address.host, address.port, address.username, address.password, address.vhost) == (
@@ -265,9 +274,11 @@ def stream_arguments(name: str) -> str:
     return next(line for line in listing.stdout.splitlines() if line.startswith(name + "\t"))
 
 
-async def test_ledger_creates_the_stream_with_the_retention_asked_and_survives_an_outage() -> None:
+async def test_ledger_creates_the_stream_with_the_retention_asked_and_never_blocks_in_an_outage(
+    tmp_path: Path,
+) -> None:
     name = "test-usage-" + uuid.uuid4().hex[:10]
-    ledger = UsageLedger(STREAM_URL, name, max_age="7D", max_bytes=50_000_000, flush_interval=0.05)
+    ledger = UsageLedger(STREAM_URL, name, max_age="7D", max_bytes=50_000_000, wal=tmp_path / "a.wal")
     since = time.time()
     record = UsageRecord(
         request_id="req-direct", token="direct", model="m", priority=1, endpoint="completions", stream=False,
@@ -282,12 +293,16 @@ async def test_ledger_creates_the_stream_with_the_retention_asked_and_survives_a
         assert await read_usage(STREAM_URL, name, since) == [record]
     finally:
         await delete_stream(name)
-    # Nobody listens on this port: recording never raises or blocks, and close() gives up in time.
-    dead = UsageLedger(f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/", name, max_age="1h", max_bytes=1000)
+    # Nobody listens on this port: recording never raises or blocks, and close() gives up in time,
+    # keeping the records in the write-ahead log.
+    dead = UsageLedger(
+        f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/", name, max_age="1h", max_bytes=1000,
+        wal=tmp_path / "b.wal",
+    )  # fmt: skip
     await dead.start()
     started = time.monotonic()
     for _ in range(1000):
         dead.record(record)
     assert time.monotonic() - started < 1.0
     await dead.close(timeout=1.0)
-    assert not dead._buffer  # counted as dropped
+    assert dead.pending == 1000 and len((tmp_path / "b.wal").read_bytes().splitlines()) == 1001

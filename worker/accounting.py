@@ -66,11 +66,50 @@ class WorkerAccounting:
         stream: bool,
         clock: TokenClock | None = None,
         started_at: float | None = None,
+        estimated: bool | None = None,
     ) -> UsageRecord:
-        """Count a request that ended here (ok, error or cancelled) and append its ledger record.
+        """Count a request that ended here (ok, error or cancelled) and queue its ledger record
+        without waiting for the stream (it is in the write-ahead log already).
 
-        ``started_at`` is when vLLM was called (monotonic; None: it never was).
+        ``started_at`` is when vLLM was called (monotonic; None: it never was). ``estimated``: the
+        counts were taken from the content chunks (default: ``usage.estimated`` if it has one).
         """
+        record = self._record(job, outcome, status, usage, stream, clock, started_at, estimated)
+        if self.ledger is not None:
+            self.ledger.record(record)
+        return record
+
+    async def finish_durably(
+        self,
+        job: Job,
+        *,
+        outcome: str,
+        status: int,
+        usage: Usage | None,
+        stream: bool,
+        clock: TokenClock | None = None,
+        started_at: float | None = None,
+        estimated: bool | None = None,
+    ) -> UsageRecord:
+        """``finish``, returning once the stream confirmed the record: call it before sending END and
+        before acking. Bounded by ``DISPATCHER_USAGE_COMMIT_TIMEOUT``; past it the record stays in the
+        write-ahead log (sent when the stream is back) and the request goes on."""
+        record = self._record(job, outcome, status, usage, stream, clock, started_at, estimated)
+        if self.ledger is not None:
+            await self.ledger.commit(record)
+        return record
+
+    def _record(
+        self,
+        job: Job,
+        outcome: str,
+        status: int,
+        usage: Usage | None,
+        stream: bool,
+        clock: TokenClock | None,
+        started_at: float | None,
+        estimated: bool | None,
+    ) -> UsageRecord:
         now = time.monotonic()
         # Publish time comes from the gateway's wall clock; the rest is measured on this one.
         queue_wait = (
@@ -85,7 +124,9 @@ class WorkerAccounting:
             metrics.completion_tokens.labels(self.model, job.token_name).inc(usage.completion_tokens)
         if first_at is not None and started_at is not None:
             metrics.time_to_first_token.labels(self.model, str(job.priority)).observe(first_at - started_at)
-        record = UsageRecord(
+        if estimated is None:
+            estimated = bool(getattr(usage, "estimated", False))
+        return UsageRecord(
             request_id=job.request_id,
             token=job.token_name,
             model=self.model,
@@ -97,15 +138,13 @@ class WorkerAccounting:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             usage_reported=usage is not None,
+            estimated=estimated and usage is not None,
             queue_wait=None if queue_wait is None else round(queue_wait, 6),
             ttft=None if first_at is None else round(first_at + offset, 6),
             duration=round(now + offset, 6),
             worker=self.worker_id,
             time=time.time(),
         )
-        if self.ledger is not None:
-            self.ledger.record(record)
-        return record
 
     def bind(self, worker: Worker) -> None:
         """Gauges read from the worker's state at scrape time."""

@@ -1,0 +1,373 @@
+"""The usage ledger's producer: every record reaches the RabbitMQ stream, confirmed, exactly once.
+
+``commit(record)`` returns once the stream has confirmed that record (publisher confirms), or after
+``commit_timeout``; ``record(record)`` is the same without waiting. Either way the record is first
+appended to a local write-ahead log (``dispatcher/wal.py``) and stays there until confirmed, so a
+crash, a broker restart or a long outage never loses it: the next process replays the file.
+
+One sender task writes whatever was committed since its last write as one publish frame, and
+confirms come back asynchronously, so concurrent requests share a round trip instead of queueing
+one behind another.
+
+Exactly once: each record has a publishing id from the log and every process a publisher name kept
+in its log file; the stream drops a (name, id) it already stored, so resending after a lost
+confirm or a crash never writes a record twice. Readers also count each request id once.
+
+Outage: records pile up in the log (and in memory). Beyond ``max_pending_bytes`` the ledger is
+``full``: it keeps every record (nothing is ever dropped), logs it, sets
+``dispatcher_usage_ledger_full`` and the worker stops taking new requests until the stream is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+from rstream import Producer
+from rstream.producer import ConfirmationStatus
+from rstream.recovery import BackOffRecoveryStrategy
+from rstream.utils import RawMessage
+
+from dispatcher.usage import StreamAddress, UsageRecord, encode_record
+from dispatcher.wal import WriteAheadLog, default_path
+
+log = logging.getLogger("dispatcher.usage.ledger")
+
+FRAME_BYTES = 900_000  # per publish frame: under the stream protocol's 1 MB frame_max
+COMMIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class LedgerMetrics:
+    def __init__(self) -> None:
+        self.records = Counter(
+            "dispatcher_usage_ledger_records",
+            "Usage records: appended (to the write-ahead log), confirmed (stored by the stream), "
+            "replayed (found in the log at start), late (a commit timed out; sent later).",
+            ["result"],
+        )
+        self.pending = Gauge("dispatcher_usage_ledger_pending_records", "Records not confirmed by the stream yet.")
+        self.pending_bytes = Gauge("dispatcher_usage_ledger_pending_bytes", "Bytes of records not confirmed yet.")
+        self.full = Gauge(
+            "dispatcher_usage_ledger_full",
+            "1 while unconfirmed records exceed DISPATCHER_USAGE_WAL_MAX_BYTES (the worker takes no new requests).",
+        )
+        self.connected = Gauge("dispatcher_usage_ledger_connected", "1 while the usage stream is reachable.")
+        self.commit_seconds = Histogram(
+            "dispatcher_usage_commit_seconds",
+            "From a request's end to the stream's confirm of its usage record.",
+            buckets=COMMIT_BUCKETS,
+        )
+
+
+@functools.cache
+def ledger_metrics() -> LedgerMetrics:
+    return LedgerMetrics()
+
+
+class _Entry:
+    __slots__ = ("data", "done", "sent")
+
+    def __init__(self, data: bytes, done: asyncio.Future[None]) -> None:
+        self.data = data
+        self.done = done
+        self.sent = 0.0  # monotonic time of the last write to the stream (0: not written)
+
+
+class Ledger:
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        max_age: str = "30D",
+        max_bytes: int = 5_000_000_000,
+        wal: str | Path | None = "",
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        commit_timeout: float = 2.0,
+        send_timeout: float = 5.0,
+        compact_bytes: int = 1024 * 1024,
+        connection_name: str = "dispatcher-usage",
+    ) -> None:
+        """``wal``: the log's path; ``""`` the default path; ``None`` no log (memory only: a crash loses
+        unconfirmed records)."""
+        self.address = StreamAddress.parse(url)
+        self.stream = stream
+        self.arguments: dict[str, object] = {"max-length-bytes": max_bytes, "max-age": max_age}
+        self.wal = None if wal is None else WriteAheadLog(wal or default_path(stream), stream)
+        # Without a log, a name of this process's own: ids restart at 1 with the next process.
+        self.publisher = f"dispatcher-usage-{uuid.uuid4().hex[:16]}"
+        self.max_pending_bytes = max_pending_bytes
+        self.commit_timeout = commit_timeout
+        self.send_timeout = send_timeout
+        self.compact_bytes = compact_bytes
+        self.connection_name = connection_name
+        self._pending: dict[int, _Entry] = {}  # publishing id -> entry, oldest first
+        self._pending_bytes = 0
+        self._unsent: deque[int] = deque()
+        self._next_id = 1  # without a log
+        self._producer: Producer | None = None
+        self._on_confirm_current: functools.partial[None] | None = None  # the current producer's callback
+        self._broken = False
+        self._generation: object = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._full = False
+        self._down_since: float | None = None
+        self.metrics = ledger_metrics()
+
+    # -- the request path --------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """Unconfirmed records above the bound: the stream has been unreachable for long."""
+        return self._full
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def record(self, record: UsageRecord) -> asyncio.Future[None]:
+        """Log one record and queue it for the stream; the future resolves on the stream's confirm."""
+        data = encode_record(record)
+        if self.wal is not None:
+            publishing_id = self.wal.append(data)
+        else:
+            publishing_id, self._next_id = self._next_id, self._next_id + 1
+        done = asyncio.get_running_loop().create_future()
+        self._add(publishing_id, data, done)
+        self.metrics.records.labels("appended").inc()
+        return done
+
+    async def commit(self, record: UsageRecord, timeout: float | None = None) -> bool:
+        """Log the record and wait for the stream's confirm: True once confirmed; False after the
+        timeout (the record stays in the log and is sent when the stream is back)."""
+        started = time.monotonic()
+        done = self.record(record)
+        await asyncio.wait((done,), timeout=self.commit_timeout if timeout is None else timeout)
+        if done.done():
+            self.metrics.commit_seconds.observe(time.monotonic() - started)
+            return True
+        self.metrics.records.labels("late").inc()
+        return False
+
+    def _add(self, publishing_id: int, data: bytes, done: asyncio.Future[None]) -> None:
+        self._pending[publishing_id] = _Entry(data, done)
+        self._pending_bytes += len(data)
+        self._unsent.append(publishing_id)
+        self._update_gauges()
+        self._wakeup.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the log (replaying what a predecessor left) and start sending in the background."""
+        if self.wal is not None:
+            entries = self.wal.open()
+            self.publisher = self.wal.publisher  # kept across restarts, for deduplication
+            loop = asyncio.get_running_loop()
+            for publishing_id, data in entries:
+                self._add(publishing_id, data, loop.create_future())
+            if entries:
+                self.metrics.records.labels("replayed").inc(len(entries))
+                log.warning("usage ledger: replaying %d unconfirmed records from %s", len(entries), self.wal.path)
+        self._task = asyncio.create_task(self._run())
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every record so far is confirmed (True) or ``timeout`` passes (False)."""
+        waiting = [entry.done for entry in self._pending.values()]
+        if not waiting:
+            return True
+        _, not_done = await asyncio.wait(waiting, timeout=timeout)
+        return not not_done
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send what is pending for up to ``timeout`` seconds, then disconnect. Anything still
+        unconfirmed stays in the log for the next start."""
+        await self.flush(timeout)
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            _, running = await asyncio.wait((self._task,), timeout=1.0)
+            if running:  # e.g. sleeping before a reconnect
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self._disconnect()
+        if self._pending:
+            where = self.wal.path if self.wal is not None else "nowhere (no write-ahead log: lost)"
+            log.warning("usage ledger: %d records not confirmed at shutdown, kept in %s", len(self._pending), where)
+        if self.wal is not None:
+            self.wal.compact((pid, entry.data) for pid, entry in self._pending.items())
+            self.wal.close(remove=not self._pending)
+
+    # -- the sender --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        last_sync = time.monotonic()
+        while not self._closing:
+            try:
+                if self._producer is None or self._broken:
+                    await self._disconnect()
+                    await self._connect()
+                    backoff = 0.5
+                await self._send_unsent()
+                self._check_stalled()
+                self._maybe_compact()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._went_down(exc)
+                await self._disconnect()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if self.wal is not None and self._pending and time.monotonic() - last_sync > 1.0:
+                # Machine crashes: unconfirmed records reach the disk within a second (off the request path).
+                await asyncio.to_thread(self.wal.sync)
+                last_sync = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 0.5)
+            self._wakeup.clear()
+
+    async def _connect(self) -> None:
+        generation = object()  # callbacks from an older, closed producer are ignored
+        producer = Producer(
+            self.address.host,
+            connection_name=self.connection_name,
+            on_close_handler=functools.partial(self._on_closed, generation),
+            # We reconnect ourselves and resend everything unconfirmed, in publishing-id order.
+            recovery_strategy=BackOffRecoveryStrategy(enable=False),
+            **self.address.connect_kwargs(),  # type: ignore[arg-type]
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.send_timeout)
+            await asyncio.wait_for(
+                producer.create_stream(self.stream, arguments=self.arguments, exists_ok=True), self.send_timeout
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.close(), 2.0)
+            raise
+        self._producer, self._broken, self._generation = producer, False, generation
+        # One callback object per producer: rstream keys its confirm waiters by the callback.
+        self._on_confirm_current = functools.partial(self._on_confirm, generation)
+        # Resend everything unconfirmed, oldest first: the stream drops what it already has.
+        self._unsent = deque(self._pending)
+        for entry in self._pending.values():
+            entry.sent = 0.0
+        if self._down_since is not None:
+            log.warning(
+                "usage ledger: stream %s reachable again after %.1f s; sending %d records",
+                self.stream, time.monotonic() - self._down_since, len(self._pending),
+            )  # fmt: skip
+            self._down_since = None
+        self.metrics.connected.set(1)
+
+    async def _send_unsent(self) -> None:
+        producer, callback = self._producer, self._on_confirm_current
+        while self._unsent and producer is not None and callback is not None and not self._broken:
+            batch: list[RawMessage] = []
+            size = 0
+            while self._unsent and size < FRAME_BYTES:
+                publishing_id = self._unsent.popleft()
+                entry = self._pending.get(publishing_id)
+                if entry is None:
+                    continue  # confirmed meanwhile (resent after a reconnect)
+                batch.append(RawMessage(entry.data, publishing_id=publishing_id))
+                size += len(entry.data) + 12
+            if not batch:
+                return
+            try:
+                await asyncio.wait_for(
+                    producer.send_batch(self.stream, batch, publisher_name=self.publisher, on_publish_confirm=callback),
+                    self.send_timeout,
+                )
+            except BaseException:
+                self._unsent.extendleft(reversed([m.publishing_id for m in batch]))  # type: ignore[misc]
+                raise
+            now = time.monotonic()
+            for message in batch:
+                if (entry := self._pending.get(message.publishing_id)) is not None:  # type: ignore[arg-type]
+                    entry.sent = now
+
+    def _on_confirm(self, generation: object, status: ConfirmationStatus) -> None:
+        entry = self._pending.get(status.message_id)
+        if entry is None:
+            return
+        if not status.is_confirmed:
+            if generation is not self._generation:
+                return  # an old connection's failures: its records were resent already
+            # Connection lost (-1) or refused by the broker: resent after reconnecting.
+            if not self._broken:
+                log.warning("usage ledger: record not confirmed (code %d); reconnecting", status.response_code)
+            self._broken = True
+            self._wakeup.set()
+            return
+        del self._pending[status.message_id]
+        self._pending_bytes -= len(entry.data)
+        if not entry.done.done():
+            entry.done.set_result(None)
+        self.metrics.records.labels("confirmed").inc()
+        self._update_gauges()
+
+    def _on_closed(self, generation: object, info: object) -> None:
+        if generation is self._generation:
+            self._broken = True
+            self._wakeup.set()
+
+    def _check_stalled(self) -> None:
+        """A connection that silently stopped confirming (a partition) is replaced."""
+        if not self._pending:
+            return
+        oldest = next(iter(self._pending.values()))
+        if oldest.sent and time.monotonic() - oldest.sent > self.send_timeout:
+            raise TimeoutError(f"no confirm for {self.send_timeout:.0f} s")
+
+    def _maybe_compact(self) -> None:
+        wal = self.wal
+        if wal is not None and wal.size > self.compact_bytes and self._pending_bytes < wal.size // 2:
+            wal.compact((pid, entry.data) for pid, entry in self._pending.items())
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.metrics.connected.set(0)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        log.warning(
+            "usage ledger: stream %s unreachable (%s); %d records pending, kept in %s; retrying",
+            self.stream, str(exc) or type(exc).__name__, len(self._pending),
+            self.wal.path if self.wal is not None else "memory",
+        )  # fmt: skip
+
+    def _update_gauges(self) -> None:
+        metrics = self.metrics
+        metrics.pending.set(len(self._pending))
+        metrics.pending_bytes.set(self._pending_bytes)
+        full = self._pending_bytes > self.max_pending_bytes
+        if full != self._full:
+            self._full = full
+            metrics.full.set(1 if full else 0)
+            if full:
+                log.error(
+                    "usage ledger: %d unconfirmed records (%d bytes) exceed the bound of %d bytes "
+                    "(DISPATCHER_USAGE_WAL_MAX_BYTES): no new requests are taken until the stream %s confirms "
+                    "them; every record is kept in %s",
+                    len(self._pending), self._pending_bytes, self.max_pending_bytes, self.stream,
+                    self.wal.path if self.wal is not None else "memory",
+                )  # fmt: skip
+            else:
+                log.warning("usage ledger: unconfirmed records back under the bound; taking requests again")
+
+    async def _disconnect(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.close(), 2.0)
