@@ -504,6 +504,14 @@ def test_notes(helm: str) -> None:
     text = notes(CASES["defaults"])
     assert "no model is deployed" in text and "port-forward" in text
     assert "consumer.replicaCount is ignored" in notes({"consumer": {"replicaCount": 3}})
+    text = notes(CASES["topology-operator-quorum"])
+    assert "rabbitmq:4.1.4-management" in text and "quorum queues" in text and "users.rabbitmq.com" in text
+    assert f"svc/{FULLNAME}-gateway-metrics:9091" in text
+    assert "scales to zero but requests wait at most 300 s" in text and "survive no node loss" not in text
+    text = notes({"queue": {"type": "quorum"}})
+    assert "survive no node loss" in text
+    text = notes(CASES["external-cluster-role-secrets"])
+    assert "rabbit-0.mq:5672,rabbit-1.mq:5673,rabbit-2.mq:5672" in text and "role Secrets" in text
 
 
 def test_values_yaml_matches_schema() -> None:
