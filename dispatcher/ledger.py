@@ -169,6 +169,10 @@ class Ledger:
 
     async def start(self) -> None:
         """Open the log (replaying what a predecessor left) and start sending in the background."""
+        self.start_soon()
+
+    def start_soon(self) -> None:
+        """``start`` from synchronous code running in the event loop."""
         if self.wal is not None:
             entries = self.wal.open()
             self.publisher = self.wal.publisher  # kept across restarts, for deduplication

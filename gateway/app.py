@@ -24,6 +24,7 @@ from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_
 from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
 from gateway.broker import GatewayBroker
+from gateway.ledger import record_refusal
 from gateway.limits import RateLimiter
 from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
@@ -210,6 +211,7 @@ def _refused(request: Request, status: int, outcome: str = "rejected") -> dict[s
         return {}
     if not record.ended:
         record.rejected(status, outcome)
+        record_refusal(record, status, outcome)  # the tenant's ledger lists refused requests too
     return {"x-request-id": record.request_id}
 
 

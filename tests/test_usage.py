@@ -155,6 +155,23 @@ async def test_one_record_per_request_with_the_clients_counts(ledger: Stack) -> 
     assert len(again) == len(expected)
 
 
+async def test_requests_refused_at_the_gateway_have_a_zero_token_record(ledger: Stack) -> None:
+    since = time.time()
+    secret = ledger.add_token("ledger-limited", priority=4, rpm=1)
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with httpx.AsyncClient(base_url=ledger.gateway_url, headers=auth, timeout=30) as client:
+        answered = await client.post("/v1/chat/completions", json=body(ledger, stream=True, max_tokens=3))
+        refused = await client.post("/v1/chat/completions", json=body(ledger, stream=True, max_tokens=3))
+    assert answered.status_code == 200 and refused.status_code == 429
+    records = {r.request_id: r for r in await wait_records(ledger, since, "ledger-limited", 2)}
+    record = records[refused.headers["x-request-id"]]
+    assert (record.outcome, record.status, record.prompt_tokens, record.completion_tokens) == ("rejected", 429, 0, 0)
+    assert (record.model, record.priority, record.stream, record.worker) == (ledger.model, 4, True, "gateway")
+    assert records[answered.headers["x-request-id"]].outcome == "ok"
+    (row,) = summarize(records.values())
+    assert (row["requests"], row["ok"], row["rejected"], row["completion_tokens"]) == (2, 1, 1, 3)
+
+
 def run_cli(stack: Stack, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env["DISPATCHER_USAGE_STREAM_URL"] = STREAM_URL

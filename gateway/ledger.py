@@ -1,0 +1,72 @@
+"""Ledger records for requests the gateway refused before they were queued (429 from a rate limit or a
+full queue, 400 on bad input…): zero tokens and the outcome, so a tenant's bill lists them too.
+
+Only requests of an authenticated token are recorded (a refused 401 has no tenant to bill). The
+ledger (``dispatcher/ledger.py``, with its write-ahead log) starts with the first refusal, so a
+gateway that refuses nothing never connects to the stream; nothing here waits for the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dispatcher.ledger import Ledger
+from dispatcher.settings import GatewaySettings
+from dispatcher.usage import UsageRecord
+from gateway.accounting import RequestRecord
+
+log = logging.getLogger("dispatcher.gateway.ledger")
+
+_ledger: Ledger | None = None
+
+
+def _open(settings: GatewaySettings) -> Ledger | None:
+    global _ledger
+    if _ledger is None and settings.usage_stream_url:
+        wal = None if settings.usage_wal.strip().lower() in ("off", "none", "false") else settings.usage_wal
+        _ledger = Ledger(
+            settings.usage_stream_url,
+            settings.usage_stream_name,
+            max_age=settings.usage_max_age,
+            max_bytes=settings.usage_max_bytes,
+            wal=wal,
+            max_pending_bytes=settings.usage_wal_max_bytes,
+            connection_name="dispatcher-gateway-usage",
+        )
+        _ledger.start_soon()
+    return _ledger
+
+
+def record_refusal(record: RequestRecord | None, status: int, outcome: str = "rejected") -> None:
+    """Append a zero-token record for a refused request (no-op without a usage stream or a token)."""
+    if record is None or not record.token:
+        return
+    try:
+        ledger = _open(GatewaySettings())
+        if ledger is None:
+            return
+        usage = UsageRecord(
+            request_id=record.request_id,
+            token=record.token,
+            model=record.model or record.requested_model,
+            priority=record.priority or 0,
+            endpoint=record.endpoint,
+            stream=record.stream,
+            outcome=outcome,
+            status=status,
+            duration=round(time.monotonic() - record.started_at, 6),
+            worker="gateway",
+            time=time.time(),
+        )
+        ledger.record(usage)  # in the log at once; sent in the background
+    except Exception:  # accounting must never turn a clean refusal into a 500
+        log.exception("could not record a refused request in the usage ledger")
+
+
+async def close_ledger(timeout: float = 5.0) -> None:
+    """At shutdown: send what is pending (what is not stays in the log for the next gateway)."""
+    global _ledger
+    ledger, _ledger = _ledger, None
+    if ledger is not None:
+        await ledger.close(timeout)
