@@ -151,12 +151,13 @@ class Stack:
         wait_http(process.url + "/ready")  # type: ignore[attr-defined]
         return process
 
-    def start_gateway(self, env: dict[str, str] | None = None) -> Process:
+    def start_gateway(self, env: dict[str, str] | None = None, *, wait_model: bool = True) -> Process:
         port = free_port()
         process = self.spawn("gateway", "gateway", "--port", str(port), env=env)
         self.gateway_url = f"http://127.0.0.1:{port}"
         wait_http(self.gateway_url + "/ready")
-        self.wait_model()
+        if wait_model:
+            self.wait_model()
         return process
 
     def serve(self, *, max_num_seqs: int, max_concurrency: int, token: str, decode_ms: float = 10.0) -> Stack:
@@ -188,11 +189,17 @@ class Stack:
 
         return run_sync(add)
 
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def delete_queues(self, model: str) -> None:
+        run_sync(lambda: delete_model_queue(self.amqp_url, model))
+
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop(signal.SIGTERM, timeout=5)
-        if any(process.name == "worker" for process in self.processes):
-            run_sync(lambda: delete_model_queue(self.amqp_url, self.model))
+        if any(process.name in ("worker", "gateway") for process in self.processes):
+            self.delete_queues(self.model)
 
 
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
