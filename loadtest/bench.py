@@ -140,7 +140,7 @@ def start_spies(services: Services, directory: Path, case: Case) -> list[subproc
     spies = []
     for name in ("gateway", "worker"):
         out = directory / f"{name}-{case.profile}-{case.concurrency}x{case.max_tokens}.txt"
-        command = ["py-spy", "record", "--nonblocking", "--subprocesses", "-f", "raw", "-o", str(out),
+        command = ["py-spy", "record", "--nonblocking", "--subprocesses", "--threads", "-f", "raw", "-o", str(out),
                    "-d", str(max(1, int(case.duration))), "-p", str(pids[name])]  # fmt: skip
         spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per case")
     parser.add_argument("--max-num-seqs", type=int, default=1024, help="simulator batch and worker concurrency")
     parser.add_argument("--many", type=int, default=1000, help="streams in the many-connections case (0: skip)")
+    parser.add_argument("--profiles", type=lambda s: s.split(","), help="only these: high-rate,high-rate-2gw,low-rate")
     parser.add_argument("--amqp-url", default=None, help=f"RabbitMQ (DISPATCHER_AMQP_URL, default {DEFAULT_AMQP})")
     parser.add_argument("--redis-url", default=None, help=f"Redis, used when reachable (default {DEFAULT_REDIS})")
     return parser
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     redis_url = args.redis_url or os.environ.get("DISPATCHER_REDIS_URL") or DEFAULT_REDIS
     if not _redis_reachable(redis_url):
         redis_url = ""
-    plans = plan(args)
+    plans = [(profile, cases) for profile, cases in plan(args) if not args.profiles or profile.name in args.profiles]
     # The gateway, worker and simulator inherit it: each holds a socket per stream.
     raise_fd_limit(max(case.concurrency for _, cases in plans for case in cases) * 2 + 256)
     env = environment(args, [profile for profile, _ in plans])
