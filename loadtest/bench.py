@@ -1,14 +1,18 @@
 """The performance benchmark: the same streaming load direct to the simulator and through the stack.
 
-``python -m loadtest.bench --quick`` (or ``dispatcher bench --quick``): 64 streams direct, then
-through gateway + RabbitMQ + worker, in one run; prints both token rates and their ratio (< 1 min).
+``dispatcher bench --quick``: 64 streams at the high rate (10 ms decode steps, no slowdown per
+sequence: 100 tokens/s per stream, 64-token answers) and 64 streams at the low rate, each direct
+then through gateway + RabbitMQ + worker; prints the comparison and the issue-11 targets table
+(about 2 minutes).
 
-``python -m loadtest.bench --report docs/benchmark.md``: 16, 64 and 256 streams, a long-stream case
-(1,000 tokens per answer) and a many-connections case (1,000 streams open on one gateway); writes a
-Markdown report with PNG plots next to it.
+``dispatcher bench --report docs/benchmark.md``: high rate at 64 and 256 streams and with 512-token
+answers, the same with ``--workers 2`` gateway processes, and the low-rate sweep, long and 1,000-stream
+cases; writes a Markdown report with PNG plots next to it. ``--py-spy DIR`` records profiles of the
+gateway and the worker during every stack run.
 
 Everything shares this machine's cores: simulator, RabbitMQ, gateway, worker and the load client,
-which runs in its own process so that its CPU is not charged to the gateway.
+which runs in its own process so that its CPU is not charged to the gateway. CPU per request and per
+token is each process tree's CPU time over the measurement window (the load client marks its edges).
 """
 
 from __future__ import annotations
