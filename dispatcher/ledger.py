@@ -120,6 +120,7 @@ class Ledger:
         self._closing = False
         self._wakeup = asyncio.Event()
         self._full = False
+        self.frames = 0  # publish frames written (records per frame = how well commits are batched)
         self._down_since: float | None = None
         self.metrics = ledger_metrics()
 
@@ -298,6 +299,7 @@ class Ledger:
             except BaseException:
                 self._unsent.extendleft(reversed([m.publishing_id for m in batch]))  # type: ignore[misc]
                 raise
+            self.frames += 1
             now = time.monotonic()
             for message in batch:
                 if (entry := self._pending.get(message.publishing_id)) is not None:  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""What the durable usage ledger adds at the end of a stream: the commit round trip, measured.
+
+``N`` simulated streams run at once; each "generates" for a random time, then commits its usage
+record (``Ledger.commit``: written to the write-ahead log, sent, confirmed by the stream) and starts
+again. Prints the commit latency percentiles (the time the END frame waits), records per publish frame
+(how well concurrent commits share a frame) and throughput. Needs the stream plugin (port 5552).
+
+    python -m loadtest.ledger_bench --streams 64 --seconds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from rstream import Producer
+
+from dispatcher.ledger import Ledger
+from dispatcher.usage import StreamAddress, UsageRecord, percentile
+
+DEFAULT_URL = os.environ.get("DISPATCHER_USAGE_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
+
+
+def _record(n: int) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"req-{uuid.uuid4().hex}", token=f"tenant-{n % 8}", model="bench-model", priority=n % 10,
+        endpoint="chat/completions", stream=True, outcome="ok", status=200, prompt_tokens=120,
+        completion_tokens=256, usage_reported=True, queue_wait=0.004, ttft=0.05, duration=2.5,
+        worker="bench-worker-0123456789", time=time.time(),
+    )  # fmt: skip
+
+
+async def run(
+    url: str, streams: int, seconds: float, stream_ms: tuple[float, float], wal: str | None
+) -> dict[str, float]:
+    """Commit latencies of ``streams`` concurrent streams for ``seconds``; returns the figures."""
+    name = "ledger-bench-" + uuid.uuid4().hex[:8]
+    ledger = Ledger(url, name, wal=wal, max_age="1h")
+    await ledger.start()
+    await ledger.commit(_record(0))  # connect first: the first commit of a process includes it
+    frames_before = ledger.frames
+    latencies: list[float] = []
+    late = 0
+    deadline = time.monotonic() + seconds
+
+    async def stream(n: int) -> None:
+        nonlocal late
+        while time.monotonic() < deadline:
+            await asyncio.sleep(random.uniform(*stream_ms) / 1000)
+            started = time.monotonic()
+            if await ledger.commit(_record(n)):
+                latencies.append(time.monotonic() - started)
+            else:
+                late += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(stream(n) for n in range(streams)))
+    elapsed = time.monotonic() - started
+    frames = ledger.frames - frames_before
+    await ledger.close()
+    await _delete(url, name)
+    return {
+        "commits": len(latencies),
+        "late": late,
+        "commits_per_s": len(latencies) / elapsed,
+        "records_per_frame": len(latencies) / max(1, frames),
+        "p50_ms": 1000 * (percentile(latencies, 0.5) or 0),
+        "p90_ms": 1000 * (percentile(latencies, 0.9) or 0),
+        "p99_ms": 1000 * (percentile(latencies, 0.99) or 0),
+        "max_ms": 1000 * max(latencies, default=0),
+        "mean_ms": 1000 * (statistics.fmean(latencies) if latencies else 0),
+    }
+
+
+async def _delete(url: str, name: str) -> None:
+    address = StreamAddress.parse(url)
+    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
+    await producer.start()
+    try:
+        await producer.delete_stream(name, missing_ok=True)
+    finally:
+        await producer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=DEFAULT_URL)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--stream-ms", type=float, nargs=2, default=(20.0, 200.0), help="a stream's length range")
+    parser.add_argument("--no-wal", action="store_true", help="memory only (shows what the log costs)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        wal = None if args.no_wal else str(Path(tmp) / "bench.wal")
+        print(f"usage ledger commit latency ({'no log' if wal is None else 'write-ahead log'}, {os.cpu_count()} CPUs)")
+        print(f"{'streams':>7} {'commits':>8} {'/s':>7} {'rec/frame':>9} {'p50 ms':>7} {'p90 ms':>7} "
+              f"{'p99 ms':>7} {'max ms':>7} {'late':>5}")  # fmt: skip
+        for streams in args.streams:
+            r = asyncio.run(run(args.url, streams, args.seconds, tuple(args.stream_ms), wal))  # type: ignore[arg-type]
+            print(
+                f"{streams:>7} {r['commits']:>8.0f} {r['commits_per_s']:>7.0f} {r['records_per_frame']:>9.1f} "
+                f"{r['p50_ms']:>7.1f} {r['p90_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['max_ms']:>7.1f} {r['late']:>5.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
