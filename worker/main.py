@@ -64,16 +64,7 @@ class Worker:
         self.vllm_healthy = False
         self.vllm_load: dict[str, float] | None = None
         self.accepting = True
-        self.ledger = (
-            UsageLedger(
-                settings.usage_stream_url,
-                settings.usage_stream_name,
-                max_age=settings.usage_max_age,
-                max_bytes=settings.usage_max_bytes,
-            )
-            if settings.usage_stream_url
-            else None
-        )
+        self.ledger = UsageLedger.from_settings(settings)
         self.accounting = WorkerAccounting(settings.model, self.id, self.ledger)
         self.gateways = GatewayWatch(settings.gateway_liveness_timeout, self._gateway_gone)
         self.replies = ReplySender(settings.flush_interval, self._frames_lost)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx2
 import msgspec
@@ -27,9 +27,6 @@ from worker.accounting import TokenClock, WorkerAccounting
 from worker.job import Job, Usage, usage_of
 from worker.replies import ReplySender
 from worker.vllm import VLLMClient, sse_events
-
-if TYPE_CHECKING:
-    from worker.usage import UsageLedger
 
 log = logging.getLogger("dispatcher.worker")
 
@@ -61,7 +58,6 @@ class JobRunner:
         self.accounting = accounting
         self.vllm_failed = vllm_failed  # pause consuming until vLLM is healthy again
         self.released = released  # the job's slot is free
-        self.ledger: UsageLedger | None = accounting.ledger
 
     def send(self, job: Job, kind: Kind, data: bytes = b"", status: int = 0, usage: Usage | None = None) -> None:
         frame = job.attempt.frame(job.request_id, kind, data, status)
@@ -107,6 +103,7 @@ class JobRunner:
         clock: TokenClock | None = None
         started_at: float | None = None
         chunks = 0
+        answered = False
         try:
             assert job.message is not None
             body, stream, wants_usage = self.request_body(job, job.message.body)
@@ -141,7 +138,7 @@ class JobRunner:
                 if not isinstance(exc, openai.APITimeoutError) and not job.output_started:
                     raise RequeueRequest(type(exc).__name__) from exc
                 raise
-            self.send(job, Kind.END, usage=usage)
+            answered = True  # END goes out once its usage record is durable (settle)
         except RequeueRequest as exc:
             outcome = "requeued"
             log.warning("vLLM failed before any output (%s): request back to the queue", exc)
@@ -167,9 +164,19 @@ class JobRunner:
             log.exception("request failed", extra={"request_id": job.request_id})
             self.send(job, Kind.ERROR, error_body(500, "The worker failed to process the request."), 500)
         finally:
-            if usage is None and chunks and outcome != "requeued":
-                usage = Usage(0, chunks)  # counted from content chunks: an estimate
-            await self.settle(job, outcome, usage=usage, stream=stream, clock=clock, started_at=started_at)
+            estimated = usage is None and chunks > 0
+            if estimated:
+                usage = Usage(0, chunks)  # the server reported none (or the client left): counted chunks
+            await self.settle(
+                job,
+                outcome,
+                usage=usage,
+                stream=stream,
+                clock=clock,
+                started_at=started_at,
+                estimated=estimated,
+                answered=answered,
+            )
 
     async def _stopped(self, job: Job) -> str:
         """The job's task was cancelled from outside; ``job.stop_reason`` says why."""
@@ -206,13 +213,32 @@ class JobRunner:
         stream: bool = False,
         clock: TokenClock | None = None,
         started_at: float | None = None,
+        estimated: bool = False,
+        answered: bool = False,
     ) -> None:
+        """Record the job, send its END, ack its message, free its slot: in that order.
+
+        The usage record is confirmed by the ledger before END (the client's ``[DONE]``) and before
+        the ack, so an answered request always has its record, whatever fails next; END is on its
+        way before the ack: acked and not sent would be a request nobody answers and nobody retries.
+        """
         if job.settled:
             return
         job.settled = True
         try:
-            # END (or ERROR) must be on its way before the message is acked: acked and not sent would
-            # be a request nobody answers and nobody retries.
+            if outcome != "requeued":  # whoever serves it next records it
+                await self.accounting.finish_durably(
+                    job,
+                    outcome=outcome,
+                    status=job.status,
+                    usage=usage,
+                    stream=stream,
+                    clock=clock,
+                    started_at=started_at,
+                    estimated=estimated,
+                )
+            if answered:
+                self.send(job, Kind.END, usage=usage)
             await self.replies.sent()
             message, job.message = job.message, None
             if message is not None:
@@ -220,7 +246,6 @@ class JobRunner:
                     await message.ack()
                 except Exception as exc:  # the channel died with the broker: it requeued the message
                     log.warning("could not ack: %s", type(exc).__name__)
-                    outcome = "requeued"
         finally:
             self.released(job)
         log.info(
@@ -235,7 +260,3 @@ class JobRunner:
                 "completion_tokens": usage.completion_tokens if usage else None,
             },
         )
-        if outcome != "requeued":  # whoever serves it next records it
-            self.accounting.finish(
-                job, outcome=outcome, status=job.status, usage=usage, stream=stream, clock=clock, started_at=started_at
-            )
