@@ -296,13 +296,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "rabbitmq-image-empty": ({"rabbitmq": {"image": ""}}, "/rabbitmq/image"),
     "metrics-port": ({"sender": {"metricsPort": 0}}, "/sender/metricsPort"),
     "gateway-workers": ({"sender": {"workers": -1}}, "/sender/workers"),
-}
-
-
-# Rules no schema can express fail in the templates (helm lint only logs template `fail` calls).
-TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
-    "duplicate-model-slug": ({"models": [{"name": "a/b"}, {"name": "a-b"}]}, "share the object name"),
-    "topology-operator-external": (
+    "topology-operator-external-broker": (
         {
             "rabbitmq": {
                 "internal": False,
@@ -311,8 +305,14 @@ TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
                 "topologyOperator": {"enabled": True},
             }
         },
-        "needs the internal RabbitmqCluster",
+        "/rabbitmq/internal",
     ),
+}
+
+
+# Rules no schema can express fail in the templates (helm lint only logs template `fail` calls).
+TEMPLATE_FAILURES: dict[str, tuple[dict[str, Any], str]] = {
+    "duplicate-model-slug": ({"models": [{"name": "a/b"}, {"name": "a-b"}]}, "share the object name"),
 }
 
 

@@ -500,9 +500,6 @@ Booleans and maps are taken whole when the model sets them (no deep merge: false
 {{- if not .Values.rabbitmq.enabled -}}
 {{- fail "rabbitmq.enabled must be true: the dispatcher queues every request in RabbitMQ. For an external broker set rabbitmq.internal=false and rabbitmq.host." -}}
 {{- end -}}
-{{- if and .Values.rabbitmq.topologyOperator.enabled (not .Values.rabbitmq.internal) -}}
-{{- fail "rabbitmq.topologyOperator.enabled needs the internal RabbitmqCluster (rabbitmq.internal=true); for an external broker create the users yourself (see the chart README) and set rabbitmq.roleSecrets" -}}
-{{- end -}}
 {{- if and (not .Values.rabbitmq.internal) (not .Values.rabbitmq.auth.existingSecret) (not .Values.rabbitmq.auth.password) -}}
 {{- fail "external RabbitMQ: set rabbitmq.auth.existingSecret, or rabbitmq.auth.user and rabbitmq.auth.password" -}}
 {{- end -}}
