@@ -49,7 +49,8 @@ class LedgerMetrics:
         self.records = Counter(
             "dispatcher_usage_ledger_records",
             "Usage records: appended (to the write-ahead log), confirmed (stored by the stream), "
-            "replayed (found in the log at start), late (a commit timed out; sent later).",
+            "replayed (found in the log at start), late (a commit timed out; sent later), "
+            "unlogged (the log could not be written: kept in memory only).",
             ["result"],
         )
         self.pending = Gauge("dispatcher_usage_ledger_pending_records", "Records not confirmed by the stream yet.")
@@ -64,6 +65,11 @@ class LedgerMetrics:
             "From a request's end to the stream's confirm of its usage record.",
             buckets=COMMIT_BUCKETS,
         )
+
+
+def wal_setting(value: str) -> str | None:
+    """``DISPATCHER_USAGE_WAL``: a path, ``""`` for the default path, ``off`` for no log."""
+    return None if value.strip().lower() in ("off", "none", "false") else value
 
 
 @functools.cache
@@ -117,6 +123,7 @@ class Ledger:
         self._broken = False
         self._generation: object = None
         self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._closing = False
         self._wakeup = asyncio.Event()
         self._full = False
@@ -137,9 +144,18 @@ class Ledger:
 
     def record(self, record: UsageRecord) -> asyncio.Future[None]:
         """Log one record and queue it for the stream; the future resolves on the stream's confirm."""
+        if not self._started:
+            self.start_soon()
         data = encode_record(record)
+        publishing_id = 0
         if self.wal is not None:
-            publishing_id = self.wal.append(data)
+            try:
+                publishing_id = self.wal.append(data)
+            except OSError as exc:  # disk full, I/O error: still sent, only not crash-proof
+                self.metrics.records.labels("unlogged").inc()
+                log.error("usage ledger: cannot write the log %s (%s); record kept in memory", self.wal.path, exc)
+                publishing_id = self.wal.next_id
+                self.wal.next_id += 1
         else:
             publishing_id, self._next_id = self._next_id, self._next_id + 1
         done = asyncio.get_running_loop().create_future()
@@ -174,6 +190,9 @@ class Ledger:
 
     def start_soon(self) -> None:
         """``start`` from synchronous code running in the event loop."""
+        if self._started:
+            return
+        self._started = True
         if self.wal is not None:
             entries = self.wal.open()
             self.publisher = self.wal.publisher  # kept across restarts, for deduplication

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from dispatcher.ledger import Ledger
+from dispatcher.ledger import Ledger, wal_setting
 from dispatcher.settings import GatewaySettings
 from dispatcher.usage import UsageRecord
 from gateway.accounting import RequestRecord
@@ -19,18 +19,22 @@ from gateway.accounting import RequestRecord
 log = logging.getLogger("dispatcher.gateway.ledger")
 
 _ledger: Ledger | None = None
+_configured = False  # settings read (once: a storm of 429s must not re-read the environment each time)
 
 
-def _open(settings: GatewaySettings) -> Ledger | None:
-    global _ledger
-    if _ledger is None and settings.usage_stream_url:
-        wal = None if settings.usage_wal.strip().lower() in ("off", "none", "false") else settings.usage_wal
+def _open() -> Ledger | None:
+    global _ledger, _configured
+    if not _configured:
+        _configured = True
+        settings = GatewaySettings()
+        if not settings.usage_stream_url:
+            return None
         _ledger = Ledger(
             settings.usage_stream_url,
             settings.usage_stream_name,
             max_age=settings.usage_max_age,
             max_bytes=settings.usage_max_bytes,
-            wal=wal,
+            wal=wal_setting(settings.usage_wal),
             max_pending_bytes=settings.usage_wal_max_bytes,
             connection_name="dispatcher-gateway-usage",
         )
@@ -43,7 +47,7 @@ def record_refusal(record: RequestRecord | None, status: int, outcome: str = "re
     if record is None or not record.token:
         return
     try:
-        ledger = _open(GatewaySettings())
+        ledger = _open()
         if ledger is None:
             return
         usage = UsageRecord(
@@ -66,7 +70,7 @@ def record_refusal(record: RequestRecord | None, status: int, outcome: str = "re
 
 async def close_ledger(timeout: float = 5.0) -> None:
     """At shutdown: send what is pending (what is not stays in the log for the next gateway)."""
-    global _ledger
-    ledger, _ledger = _ledger, None
+    global _ledger, _configured
+    ledger, _ledger, _configured = _ledger, None, False
     if ledger is not None:
         await ledger.close(timeout)

@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 
 from dispatcher.ledger import Ledger
 from dispatcher.usage import UsageRecord, read_usage, summarize, unique
+from dispatcher.wal import WriteAheadLog
 from tests import rabbit_node
 from tests.rabbit_node import RabbitNode
 from tests.stack import Stack, free_port, run_sync
@@ -155,6 +156,29 @@ async def test_side_by_side_processes_get_their_own_log_file(stream_name: str, t
     finally:
         await first.close()
         await second.close()
+
+
+def test_the_log_keeps_ids_across_restarts_and_skips_torn_lines_and_other_streams(tmp_path: Path) -> None:
+    path = tmp_path / "usage.wal"
+    log = WriteAheadLog(path, "s1")
+    assert log.open() == []
+    assert [log.append(b'{"n":1}'), log.append(b'{"n":2}')] == [1, 2]
+    with path.open("ab") as f:
+        f.write(b'3 {"n":3')  # a write cut short by a crash: no newline
+    log.close(remove=False)
+    again = WriteAheadLog(path, "s1")
+    assert again.open() == [(1, b'{"n":1}'), (2, b'{"n":2}')]
+    assert again.publisher == log.publisher and again.append(b'{"n":4}') == 3  # same name, ids go on
+    again.compact(())  # all confirmed: the header keeps the name and the next id
+    again.close(remove=False)
+    third = WriteAheadLog(path, "s1")
+    assert third.open() == [] and third.next_id == 4 and third.publisher == log.publisher
+    # Another stream's process never takes this file, even when it is free.
+    other = WriteAheadLog(path, "s2")
+    assert other.open() == [] and other.path == tmp_path / "usage.wal.1"
+    third.close(remove=True)
+    other.close(remove=True)
+    assert not path.exists()
 
 
 def metric(name: str) -> float:

@@ -8,15 +8,8 @@ write-ahead log, sent from there when the stream is back (also after a crash and
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dispatcher.ledger import Ledger
+from dispatcher.ledger import Ledger, wal_setting
 from dispatcher.settings import CommonSettings
-
-
-def wal_setting(value: str) -> str | Path | None:
-    """``DISPATCHER_USAGE_WAL``: a path, ``""`` for the default path, ``off`` for no log."""
-    return None if value.strip().lower() in ("off", "none", "false") else value
 
 
 class UsageLedger(Ledger):
