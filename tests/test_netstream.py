@@ -101,3 +101,37 @@ async def test_refused_before_answer_and_broken_mid_answer(tmp_path: Path) -> No
             await client.close()
     finally:
         stack.close()
+
+
+async def test_cancelled_before_the_answer_closes_the_connection_and_vllm_aborts(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        stack.start_simulator(max_num_seqs=4, decode_ms=20)
+        client = VLLMClient(stack.simulator_url + "/v1")
+        try:
+
+            async def whole() -> bytes:  # not streamed: no response byte until the answer is complete
+                async with client.open("chat/completions", _body(stack.model, 300, stream=False)) as upstream:
+                    return await upstream.read()
+
+            task = asyncio.create_task(whole())
+            await asyncio.sleep(0.5)
+            assert (await _stats(client))["running"] == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(40):  # the simulator notices the closed connection and aborts
+                if (await _stats(client))["running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await _stats(client))["running"] == 0
+            assert client.http._idle == []  # the cancelled request's connection was not kept
+        finally:
+            await client.close()
+    finally:
+        stack.close()
+
+
+async def _stats(client: VLLMClient) -> dict[str, int]:
+    response = await client._probe.get(client.root_url + "/sim/stats")
+    return response.json()

@@ -288,9 +288,17 @@ class _Exchange(AbstractAsyncContextManager["UpstreamResponse"]):
         self._connection: _Connection | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
+        try:
+            return await self._open()
+        except BaseException:  # cancelled too: a request left half-open would keep vLLM generating
+            self._release()
+            raise
+
+    async def _open(self) -> UpstreamResponse:
         client = self._client
         for attempt in (0, 1):
-            connection, reused = await client.acquire(self._url)
+            # The retry always takes a new connection: the other idle ones may be stale as well.
+            connection, reused = await client.acquire(self._url, fresh=attempt > 0)
             self._connection = connection
             connection.start(self._data, client.read_timeout)
             while not connection.headers_done and connection.error is None:
@@ -298,12 +306,11 @@ class _Exchange(AbstractAsyncContextManager["UpstreamResponse"]):
             error = connection.error
             if error is None:
                 break
-            connection.finish()
-            self._connection = None
+            self._release()
             if isinstance(error, _TimedOut):
                 raise UpstreamTimeout(self._url)
             if isinstance(error, _Refused):
-                if reused and attempt == 0:  # the server had closed it while it was idle: once more, fresh
+                if reused:  # the server had closed it while it was idle: once more, on a fresh one
                     continue
                 raise UpstreamConnectError(self._url, str(error))
             raise UpstreamBrokenError(self._url, str(error))
@@ -374,10 +381,10 @@ class HTTPClient:
              b"Content-Length: %d\r\n\r\n" % len(body), body)
         )  # fmt: skip
 
-    async def acquire(self, url: str) -> tuple[_Connection, bool]:
+    async def acquire(self, url: str, *, fresh: bool = False) -> tuple[_Connection, bool]:
         now = time.monotonic()
         idle = self._idle
-        while idle:
+        while idle and not fresh:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self.keepalive_expiry:
                 return connection, True
