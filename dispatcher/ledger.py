@@ -36,7 +36,7 @@ from rstream.recovery import BackOffRecoveryStrategy
 from rstream.utils import RawMessage
 
 from dispatcher.usage import StreamAddress, UsageRecord, encode_record
-from dispatcher.wal import WriteAheadLog, default_path
+from dispatcher.wal import WalBusy, WriteAheadLog, default_path
 
 log = logging.getLogger("dispatcher.usage.ledger")
 
@@ -194,7 +194,16 @@ class Ledger:
             return
         self._started = True
         if self.wal is not None:
-            entries = self.wal.open()
+            try:
+                entries = self.wal.open()
+            except (OSError, WalBusy) as exc:  # e.g. a read-only filesystem: serve, and say so loudly
+                log.error(
+                    "usage ledger: cannot open the write-ahead log %s (%s): running without one, so a crash "
+                    "loses unconfirmed records; set DISPATCHER_USAGE_WAL to a writable path",
+                    self.wal.base, exc,
+                )  # fmt: skip
+                self.wal, entries = None, []
+        if self.wal is not None:
             self.publisher = self.wal.publisher  # kept across restarts, for deduplication
             loop = asyncio.get_running_loop()
             for publishing_id, data in entries:

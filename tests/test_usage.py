@@ -211,6 +211,7 @@ async def test_usage_cli_totals_per_token_and_model(ledger: Stack) -> None:
     readers = [run_cli(ledger, "--since", since, "--json") for _ in range(3)]
     table = run_cli(ledger, "--since", since)
     as_csv = run_cli(ledger, "--since", since, "--csv")
+    as_records = run_cli(ledger, "--since", since, "--records")
     outputs = [await asyncio.to_thread(finish, p) for p in readers]
     for out in outputs:
         assert json.loads(out) == json.loads(outputs[0])
@@ -228,6 +229,11 @@ async def test_usage_cli_totals_per_token_and_model(ledger: Stack) -> None:
     assert any(line.split()[:3] == ["cli-x", ledger.model, "3"] for line in text.splitlines())
     parsed = list(csv.DictReader(io.StringIO(await asyncio.to_thread(finish, as_csv))))
     assert {r["token"]: int(r["completion_tokens"]) for r in parsed} == {"cli-x": 23, "cli-y": 3}
+    lines = [json.loads(line) for line in (await asyncio.to_thread(finish, as_records)).splitlines()]
+    assert sorted((r["token"], r["completion_tokens"]) for r in lines) == [
+        ("cli-x", 5), ("cli-x", 7), ("cli-x", 11), ("cli-y", 3),
+    ]  # fmt: skip
+    assert all(r["estimated"] is False and r["usage_reported"] and r["request_id"] for r in lines)
     # A window that ends before these requests holds none of them; one starting after them, neither.
     before = json.loads(await asyncio.to_thread(finish, run_cli(ledger, "--since", "1h", "--until", since, "--json")))
     assert not {r["token"] for r in before} & {"cli-x", "cli-y"}
