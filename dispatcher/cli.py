@@ -192,6 +192,12 @@ def cmd_usage(args: argparse.Namespace) -> None:
         sys.exit(f"error: the stream {settings.usage_stream_name!r} does not exist (no worker has written to it yet)")
     except (OSError, ConnectionError) as exc:
         sys.exit(f"error: cannot reach the usage stream: {exc}")
+    if args.format == "records":
+        from dispatcher.usage import encode_record, unique
+
+        for record in unique(records):  # one JSON line per request, for billing systems
+            print(encode_record(record).decode())
+        return
     rows = summarize(records)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -380,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
+    fmt.add_argument(
+        "--records", dest="format", action="store_const", const="records",
+        help="print each request's record (JSON lines, each request once) instead of totals",
+    )  # fmt: skip
     p.set_defaults(func=cmd_usage, format="table")
 
     p = sub.add_parser("bench", help="benchmark: streaming load direct to the simulator and through the stack")
