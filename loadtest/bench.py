@@ -122,19 +122,14 @@ def run_case(services: Services, case: Case, spy: Path | None = None) -> dict[st
 
 
 def cpu_costs(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """CPU milliseconds per request and microseconds per token of each measured process, over the window."""
-    requests, tokens = result["requests"], result["tokens"]
-    costs = {}
-    for name in ("gateway", "worker", "rabbitmq"):
-        usage = result["usage"].get(name)
-        if usage is None:
-            continue
-        cpu = usage.get("window_cpu_s", float("nan"))
-        costs[name] = {
-            "per_request_ms": cpu * 1000 / requests if requests else float("nan"),
-            "per_token_us": cpu * 1e6 / tokens if tokens else float("nan"),
-        }
-    return costs
+    """CPU milliseconds per answer and microseconds per token of each measured process, over the window."""
+    from loadtest.report import cpu_per_request_ms, cpu_per_token_us
+
+    return {
+        name: {"per_request_ms": cpu_per_request_ms(result, name), "per_token_us": cpu_per_token_us(result, name)}
+        for name in ("gateway", "worker", "rabbitmq")
+        if name in result["usage"]
+    }
 
 
 def start_spies(services: Services, directory: Path, case: Case) -> list[subprocess.Popen[bytes]]:

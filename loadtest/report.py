@@ -38,9 +38,12 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def cpu_per_request_ms(result: Result, name: str) -> float:
-    usage = result["usage"].get(name) or {}
-    cpu = usage.get("window_cpu_s", float("nan"))
-    return cpu * 1000 / result["requests"] if result["requests"] else float("nan")
+    """CPU per answer: per token times the tokens of one answer.
+
+    Counting the answers that completed inside the window instead would miss the work of those cut at
+    its edges (with 512-token answers, most of it).
+    """
+    return cpu_per_token_us(result, name) * result["max_tokens"] / 1000
 
 
 def cpu_per_token_us(result: Result, name: str) -> float:
@@ -290,7 +293,8 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         "content token; inter-token latency is every gap between consecutive tokens of a stream as the client "
         "reads them; tokens/s counts tokens received in the measurement window (after a warm-up).",
         "- CPU per request and per token: the CPU time (user + system, psutil) each process tree used during the "
-        "measurement window, divided by the requests completed and the tokens received in that window. "
+        "measurement window, divided by the tokens received in that window; per request is that times the "
+        "tokens of one answer (every answer has exactly that many). "
         "RabbitMQ's is that of the whole local node (`beam.smp`). Peak RSS covers the whole run.",
         "",
         "## Targets",
