@@ -72,7 +72,9 @@ class Case:
     requests_per_user: int = 0
 
 
-def run_case(services: Services, case: Case, spy: Path | None = None) -> dict[str, Any]:
+def run_case(
+    services: Services, case: Case, spy: Path | None = None, baseline: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One load run in its own process while the services' CPU and memory are measured."""
     services.check_alive()
     _wait_idle(services.simulator_url)
@@ -109,6 +111,10 @@ def run_case(services: Services, case: Case, spy: Path | None = None) -> dict[st
     result: dict[str, Any] = json.loads(summary)
     result["case"] = asdict(case)
     result["usage"] = {name: asdict(usage) for name, usage in sampler.usage().items()}
+    if baseline is not None:
+        from loadtest.report import subtract_broker_baseline
+
+        subtract_broker_baseline([baseline, result])
     costs = cpu_costs(result)
     extra = ""
     if not direct:
@@ -270,7 +276,9 @@ def run_profile(
             gateway_workers=profile.gateway_workers,
         )
         print(f"{profile.label}: simulator, gateway and worker are up; {len(cases)} runs:", flush=True)
-        results = [run_case(services, case, args.py_spy) for case in cases]
+        results: list[dict[str, Any]] = []
+        for case in cases:
+            results.append(run_case(services, case, args.py_spy, results[-1] if case.target == "stack" else None))
     finally:
         services.close()
     for result in results:
@@ -294,10 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         logs = args.logs or Path(tmp)
         for profile, cases in plans:
             results += run_profile(profile, cases, args, amqp_url, redis_url, logs)
+    from loadtest.report import subtract_broker_baseline, targets_text
+
+    subtract_broker_baseline(results)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "results": results}, indent=1))
-    from loadtest.report import targets_text
-
     print()
     print(targets_text(results))
     if args.report:

@@ -49,7 +49,18 @@ def cpu_per_request_ms(result: Result, name: str) -> float:
 def cpu_per_token_us(result: Result, name: str) -> float:
     usage = result["usage"].get(name) or {}
     cpu = usage.get("window_cpu_s", float("nan"))
+    # The broker may serve others too (other tests, other apps): take off its rate during the direct run.
+    cpu -= usage.get("baseline_cpu_per_s", 0.0) * result["seconds"]
     return cpu * 1e6 / result["tokens"] if result["tokens"] else float("nan")
+
+
+def subtract_broker_baseline(results: list[Result]) -> None:
+    """Give each stack run the RabbitMQ CPU rate of its direct run (which sends nothing through it)."""
+    for group in ("sweep", "long", "many"):
+        for direct, stack in _pairs(results, group):
+            base = direct["usage"].get("rabbitmq", {}).get("window_cpu_s")
+            if base is not None and "rabbitmq" in stack["usage"] and direct["seconds"] > 0:
+                stack["usage"]["rabbitmq"]["baseline_cpu_per_s"] = max(0.0, base / direct["seconds"])
 
 
 def _row(result: Result, ratio: float | None) -> str:
@@ -295,7 +306,8 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         "- CPU per request and per token: the CPU time (user + system, psutil) each process tree used during the "
         "measurement window, divided by the tokens received in that window; per request is that times the "
         "tokens of one answer (every answer has exactly that many). "
-        "RabbitMQ's is that of the whole local node (`beam.smp`). Peak RSS covers the whole run.",
+        "RabbitMQ's is that of the whole local node (`beam.smp`), less its CPU rate during the direct run "
+        "(other users of the broker). Peak RSS covers the whole run.",
         "",
         "## Targets",
         "",
