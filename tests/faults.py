@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import struct
+import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -328,3 +330,127 @@ def _close(writer: asyncio.StreamWriter, rst: bool) -> None:
             writer.transport.abort()
         else:
             writer.close()
+
+
+# -- judging a stream against a direct run ----------------------------------------------------------
+
+
+def normalized(events: list[bytes]) -> list[Any]:
+    """SSE data events without what differs between two runs of the same request (ids, timestamps)."""
+    found: list[Any] = []
+    for event in events:
+        if not event.startswith(b"data: {"):
+            found.append(event.decode())
+            continue
+        chunk = json.loads(event[6:])
+        chunk.pop("id", None)
+        chunk.pop("created", None)
+        found.append(chunk)
+    return found
+
+
+async def direct_stream(http: httpx.AsyncClient, stack: Stack, body: dict[str, Any]) -> StreamResult:
+    """The same request straight to the simulator: what the gateway must reproduce byte for byte."""
+    body = {**body, "user": "direct-" + str(body.get("user"))}
+    async with http.stream("POST", stack.simulator_url + "/v1/chat/completions", json=body) as r:
+        result = StreamResult(r.status_code)
+        raw = await r.aread()
+    result.events = [e for e in raw.split(b"\n\n") if e.strip()]
+    result.ended_at = time.monotonic()
+    return result
+
+
+def judge(result: StreamResult, reference: StreamResult) -> str:
+    """The acceptance of issue 10 for one client stream: ``"complete"`` when it is the direct run's
+    stream (ids and timestamps aside), ``"error"`` when it is a prefix of it followed by one
+    OpenAI-style error event and ``[DONE]``; anything else (a repeat, a splice, a gap, a reorder, a
+    changed chunk id, no clear end) fails."""
+    assert result.status == 200, (result.status, result.events[:2])
+    ids = {chunk.get("id") for chunk in result.data if "error" not in chunk}
+    assert len(ids) <= 1, f"the chunk id changed within the stream: {ids}"
+    got, want = normalized(result.events), normalized(reference.events)
+    if got == want:
+        return "complete"
+    errors = [i for i, e in enumerate(got) if isinstance(e, dict) and "error" in e]
+    assert errors, f"neither the direct run's stream nor an error: {len(got)} events vs {len(want)}"
+    first = errors[0]
+    error = got[first]["error"]
+    assert {"message", "type", "param", "code"} <= set(error) and error["message"], error
+    assert got[:first] == want[:first], "the part before the error is not the direct run's beginning"
+    assert got[first + 1 :] == ["data: [DONE]"], f"events after the error: {got[first + 1 :]}"
+    return "error"
+
+
+async def stream_with_reference(
+    http: httpx.AsyncClient, stack: Stack, body: dict[str, Any], token: str, hang_after: float
+) -> tuple[StreamResult, StreamResult]:
+    """A stream through the gateway and its direct run, side by side; a stream open after
+    ``hang_after`` seconds counts as hung (TimeoutError)."""
+    reference = asyncio.create_task(direct_stream(http, stack, body))
+    try:
+        result = await asyncio.wait_for(read_stream(http, stack, body, token), hang_after)
+    finally:
+        ref = await reference
+    return result, ref
+
+
+# -- broker-side connection cuts ---------------------------------------------------------------------
+
+
+@dataclass
+class BrokerConnection:
+    pid: str  # the broker's Erlang pid of the connection process, as rabbitmqctl prints it
+    peer_port: int
+    name: str  # the client's connection_name
+
+
+def machine_ctl(*args: str, table: bool = True) -> list[list[str]]:
+    """``rabbitmqctl`` against the machine's broker (the one tests/stack.py uses by default)."""
+    headers = ["--no-table-headers"] if table else []
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", *args, *headers], capture_output=True, text=True, timeout=60, check=True
+    )
+    return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+
+
+Ctl = Callable[..., list[list[str]]]
+
+
+def broker_connections(ctl: Ctl = machine_ctl) -> list[BrokerConnection]:
+    rows = ctl("list_connections", "pid", "peer_port", "client_properties")
+    found = []
+    for pid, port, properties in rows:
+        match = re.search(r'\{"connection_name",(?:longstr,)?"([^"]*)"\}', properties)
+        found.append(BrokerConnection(pid, int(port), match.group(1) if match else ""))
+    return found
+
+
+def local_ports(pid: int, remote_port: int) -> set[int]:
+    """Local ports of the TCP connections that process ``pid`` (and its children) hold to ``remote_port``."""
+    process = psutil.Process(pid)
+    ports: set[int] = set()
+    for proc in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            ports.update(
+                c.laddr.port for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr.port == remote_port
+            )
+    return ports
+
+
+def close_broker_connections(
+    peer_ports: set[int],
+    reason: str,
+    *,
+    ctl: Ctl = machine_ctl,
+    only: Callable[[str], bool] = lambda name: True,
+    known: list[BrokerConnection] | None = None,
+) -> list[str]:
+    """``rabbitmqctl close_connection`` every connection whose client port is in ``peer_ports`` (and
+    whose name passes ``only``); returns the names of those it closed. ``known``: a listing made
+    beforehand (``rabbitmqctl`` takes a second or more to start: list before the moment to cut)."""
+    closed = []
+    for connection in broker_connections(ctl) if known is None else known:
+        if connection.peer_port in peer_ports and only(connection.name):
+            ctl("close_connection", connection.pid, reason, table=False)
+            closed.append(connection.name)
+    return closed
