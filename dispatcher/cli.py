@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -211,103 +206,9 @@ def cmd_usage(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    """Simulator (unless --vllm-url), gateway and one worker, as child processes."""
-    env = dict(os.environ)
-    me = [sys.executable, "-m", "dispatcher.cli"]
-    children: list[subprocess.Popen[bytes]] = []
-    vllm_url = args.vllm_url
-    try:
-        if not vllm_url:
-            sim_port = args.simulator_port
-            children.append(
-                subprocess.Popen(
-                    [
-                        *me,
-                        "simulate",
-                        "--model",
-                        args.model,
-                        "--port",
-                        str(sim_port),
-                        "--max-num-seqs",
-                        str(args.max_concurrency),
-                    ],
-                    env=env,
-                )
-            )
-            vllm_url = f"http://127.0.0.1:{sim_port}/v1"
-            _wait_http(f"http://127.0.0.1:{sim_port}/health", "the simulator")
-        secret = _run(_demo_token())
-        children.append(subprocess.Popen([*me, "gateway", "--host", args.host, "--port", str(args.port)], env=env))
-        children.append(
-            subprocess.Popen(
-                [
-                    *me,
-                    "worker",
-                    "--model",
-                    args.model,
-                    "--vllm-url",
-                    vllm_url,
-                    "--max-concurrency",
-                    str(args.max_concurrency),
-                    "--http-port",
-                    str(args.worker_port),
-                ],
-                env=env,
-            )
-        )
-        base = f"http://{args.host}:{args.port}"
-        _wait_http(base + "/ready", "the gateway")
-        _wait_http(f"http://127.0.0.1:{args.worker_port}/ready", "the worker")
-        print(f"\ndispatcher is up: {base}/v1  (model {args.model!r}, token 'demo')\n", flush=True)
-        print(
-            f"curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {secret}' "
-            f'-H \'Content-Type: application/json\' -d \'{{"model": "{args.model}", "stream": true, '
-            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n',
-            flush=True,
-        )
-        print("Press Ctrl-C to stop.", flush=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        sys.exit("a component stopped unexpectedly")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+    from dispatcher.up import main as up
 
-
-async def _demo_token() -> str:
-    """A fresh 'demo' token for this run (secrets are shown once, so the old one is replaced)."""
-    from dispatcher.tokens import TokenStore, publish_invalidation
-
-    settings = CommonSettings()
-    store = TokenStore(settings.database_url)
-    try:
-        old = await store.delete("demo")
-        secret = await store.add("demo", 5)
-    finally:
-        await store.close()
-    await publish_invalidation(settings.redis_url, [old] if old else [])
-    return secret
-
-
-def _wait_http(url: str, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{what} did not become ready at {url} within {timeout:.0f}s")
+    up(args)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -395,14 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark: streaming load direct to the simulator and through the stack")
     p.set_defaults(func=cmd_bench, bench_args=[])
 
-    p = sub.add_parser("up", help="run the whole stack locally: simulator, gateway and a worker")
-    p.add_argument("--model", default="demo-model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--vllm-url", help="use this vLLM instead of starting the simulator")
-    p.add_argument("--simulator-port", type=int, default=8000)
-    p.add_argument("--worker-port", type=int, default=9090)
-    p.add_argument("--max-concurrency", type=int, default=16)
+    from dispatcher.up import add_parser as up_parser
+
+    p = up_parser(sub)
     p.set_defaults(func=cmd_up)
     return parser
 

@@ -37,6 +37,17 @@ _info_decoder = msgspec.json.Decoder(TokenInfo)
 _encoder = msgspec.json.Encoder()
 
 
+def shared_redis(url: str, max_connections: int = 512, wait: float = 5.0) -> aioredis.Redis:
+    """The gateway's Redis client: a pool that waits for a free connection.
+
+    redis-py's default pool has 100 connections and raises MaxConnectionsError beyond them at once;
+    under a burst of new requests that made token lookups fall through to SQL and rate limits let
+    requests through unchecked. This pool waits up to ``wait`` seconds instead.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait)
+    return aioredis.Redis(connection_pool=pool)
+
+
 class RateBudget:
     """A token bucket: ``rate`` takes per second, up to ``burst`` at once."""
 
