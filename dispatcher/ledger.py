@@ -35,7 +35,7 @@ from rstream.producer import ConfirmationStatus
 from rstream.recovery import BackOffRecoveryStrategy
 from rstream.utils import RawMessage
 
-from dispatcher.usage import StreamAddress, UsageRecord, encode_record
+from dispatcher.usage import StreamAddress, UsageRecord, decode_record, encode_record
 from dispatcher.wal import WalBusy, WriteAheadLog, default_path
 
 log = logging.getLogger("dispatcher.usage.ledger")
@@ -206,6 +206,7 @@ class Ledger:
         if self.wal is not None:
             self.publisher = self.wal.publisher  # kept across restarts, for deduplication
             loop = asyncio.get_running_loop()
+            entries = [(pid, data) for pid, data in entries if decode_record(data) is not None]  # torn: skip
             for publishing_id, data in entries:
                 self._add(publishing_id, data, loop.create_future())
             if entries:
@@ -224,6 +225,8 @@ class Ledger:
     async def close(self, timeout: float = 5.0) -> None:
         """Send what is pending for up to ``timeout`` seconds, then disconnect. Anything still
         unconfirmed stays in the log for the next start."""
+        if not self._started or self._closing:
+            return
         await self.flush(timeout)
         self._closing = True
         self._wakeup.set()

@@ -98,8 +98,11 @@ class WriteAheadLog:
         publishing_id = self.next_id
         self.next_id += 1
         line = b"%d %s\n" % (publishing_id, record)
-        os.write(self._fd, line)
-        self.size += len(line)
+        written = os.write(self._fd, line)
+        self.size += written
+        if written != len(line):  # disk full: end the torn line, so the next append starts a line of its own
+            self.size += os.write(self._fd, b"\n")
+            raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
         return publishing_id
 
     def compact(self, pending: Iterable[tuple[int, bytes]]) -> None:
