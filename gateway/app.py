@@ -22,7 +22,7 @@ from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
 from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT, unix_ms
 from gateway.accounting import RequestRecord
-from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority
+from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority, shared_redis
 from gateway.broker import GatewayBroker
 from gateway.ledger import record_refusal
 from gateway.limits import RateLimiter
@@ -266,7 +266,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         store = TokenStore(settings.database_url)
-        redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        redis = shared_redis(settings.redis_url) if settings.redis_url else None
         auth = TokenAuthenticator(store, redis, local_ttl=settings.token_cache_ttl)
         limits = RateLimiter(
             redis,
