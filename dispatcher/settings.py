@@ -54,7 +54,8 @@ class CommonSettings:
     # Seconds a request may wait in the queue before it is answered with 504.
     queue_timeout: float = field(default_factory=lambda: _env_float("QUEUE_TIMEOUT", 300.0))
     # Messages per model queue before publishing is refused with 429 (a queue argument: gateways
-    # and workers must agree on it).
+    # and workers must agree on it). 0: no argument; a RabbitMQ policy sets max-length and
+    # overflow=reject-publish instead (the chart renders one), and can change it later.
     max_queue_length: int = field(default_factory=lambda: _env_int("MAX_QUEUE_LENGTH", 10_000))
     # Priorities at or above this go to the model's express queue, whose requests may also use the
     # worker's reserved slots (11: off; priorities are 0..10). Gateways and workers must agree.

@@ -54,11 +54,13 @@ def queue_arguments(max_length: int, queue_type: str = "classic") -> dict[str, i
 
     Nothing RabbitMQ 4.3 denies: no ``x-queue-mode``/``x-queue-version``/``x-queue-master-locator``.
     """
+    # max_length 0: the length is left to a RabbitMQ policy (which can then raise it as well as lower it).
+    length: dict[str, int | str] = {"x-max-length": max_length, "x-overflow": "reject-publish"} if max_length else {}
     if queue_type == "quorum":
-        return {"x-queue-type": "quorum", "x-max-length": max_length, "x-overflow": "reject-publish"}
+        return {"x-queue-type": "quorum", **length}
     if queue_type != "classic":
         raise ValueError(f"unknown queue type {queue_type!r} (classic or quorum)")
-    return {"x-max-priority": MAX_PRIORITY, "x-max-length": max_length, "x-overflow": "reject-publish"}
+    return {"x-max-priority": MAX_PRIORITY, **length}
 
 
 def message_priority(priority: int, queue_type: str = "classic") -> int:

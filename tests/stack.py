@@ -198,7 +198,7 @@ class Stack:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop(signal.SIGTERM, timeout=5)
-        if any(process.name in ("worker", "gateway") for process in self.processes):
+        if any(process.name == "worker" for process in self.processes):
             self.delete_queues(self.model)
 
 

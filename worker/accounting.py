@@ -151,9 +151,9 @@ class WorkerAccounting:
         metrics, model = self.metrics, self.model
         metrics.in_flight.labels(model).set_function(lambda: len(worker.jobs))
         metrics.free_slots.labels(model).set_function(lambda: worker.free_slots)
-        for gauge, key in (
-            (metrics.vllm_running, "vllm:num_requests_running"),
-            (metrics.vllm_waiting, "vllm:num_requests_waiting"),
-            (metrics.vllm_kv_cache, "vllm:kv_cache_usage_perc"),
+        for gauge, field in (
+            (metrics.vllm_running, "running"),
+            (metrics.vllm_waiting, "waiting"),
+            (metrics.vllm_kv_cache, "kv_usage"),
         ):
-            gauge.labels(model).set_function(lambda key=key: (worker.vllm_load or {}).get(key, 0.0))
+            gauge.labels(model).set_function(lambda field=field: getattr(worker.vllm_load, field, None) or 0.0)

@@ -7,7 +7,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.delivery import Attempt
@@ -76,23 +75,3 @@ class Job:
 
     def expired(self) -> bool:
         return bool(self.deadline) and time.time() > self.deadline
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _WithUsage(msgspec.Struct):
-    usage: Usage | None = None
-
-
-_usage_decoder = msgspec.json.Decoder(_WithUsage)
-
-
-def usage_of(json_bytes: bytes) -> Usage | None:
-    """The `usage` object of a vLLM response or stream chunk, if it has one."""
-    try:
-        return _usage_decoder.decode(json_bytes).usage
-    except msgspec.DecodeError:
-        return None

@@ -38,6 +38,7 @@ from dispatcher.wire import (
     control_encoder,
 )
 from worker.accounting import WorkerAccounting
+from worker.backends import Load, make_backend
 from worker.consumer import Consumer
 from worker.control import GatewayWatch
 from worker.job import Job
@@ -61,15 +62,22 @@ class Worker:
         self.jobs: dict[str, Job] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when to forget it (cancelled while queued)
         self._last_cancel_at = 0.0  # when a running request was last cancelled
+        self.backend = make_backend(settings.backend, settings.vllm_url, priority=settings.vllm_priority)
         self.vllm_healthy = False
-        self.vllm_load: dict[str, float] | None = None
+        self.vllm_load: Load | None = None  # None: the server reports no load (pull up to max concurrency)
         self.accepting = True
         self.ledger = UsageLedger.from_settings(settings)
         self.accounting = WorkerAccounting(settings.model, self.id, self.ledger)
         self.gateways = GatewayWatch(settings.gateway_liveness_timeout, self._gateway_gone)
         self.replies = ReplySender(settings.flush_interval, self._frames_lost)
         self.runner = JobRunner(
-            settings, self.vllm, self.replies, self.accounting, vllm_failed=self._vllm_failed, released=self._released
+            settings,
+            self.vllm,
+            self.backend,
+            self.replies,
+            self.accounting,
+            vllm_failed=self._vllm_failed,
+            released=self._released,
         )
         self.consumer = Consumer(
             settings,
@@ -100,7 +108,7 @@ class Worker:
 
     async def start(self) -> None:
         """Start serving; the broker connections come up in the background (with retries)."""
-        self.vllm_healthy = await self.vllm.healthy()
+        self.vllm_healthy = (await self.backend.probe()).healthy
         self.replies.start()
         self.publisher.start()
         self.consumer.start()
@@ -149,6 +157,7 @@ class Worker:
         await self.consumer.close()
         await self.publisher.close()
         await self.vllm.close()
+        await self.backend.aclose()
 
     def _consumer_lost(self) -> None:
         # The broker requeued our unacked messages: stop their vLLM work; the gateways take the
@@ -169,7 +178,7 @@ class Worker:
     def _should_consume(self) -> bool:
         if not (self.accepting and self.vllm_healthy and self.publisher.ready):
             return False
-        waiting = (self.vllm_load or {}).get("vllm:num_requests_waiting", 0.0)
+        waiting = self.vllm_load.waiting if self.vllm_load is not None else 0.0
         if waiting == 0 or not self.jobs:
             return True  # an idle worker may always try one request
         # vLLM counts what arrived since its last scheduler step as waiting: under load, requests we
@@ -254,13 +263,16 @@ class Worker:
     # -- background loops ------------------------------------------------------------------
 
     async def _watch_vllm(self, interval: float = 0.5) -> None:
+        """Health and load of the inference server. A loading server is not a failed one: requests
+        wait in RabbitMQ until it is ready."""
         while True:
-            healthy = await self.vllm.healthy()
-            if healthy != self.vllm_healthy:
-                log.warning("vLLM is %s", "healthy again" if healthy else "unhealthy: pausing the queue")
-                self.vllm_healthy = healthy
+            probe = await self.backend.probe()
+            if probe.healthy != self.vllm_healthy:
+                state = "healthy again" if probe.healthy else f"not ready ({probe.detail}): pausing the queue"
+                log.warning("the inference server is %s", state)
+                self.vllm_healthy = probe.healthy
                 await self._announce()
-            self.vllm_load = await self.vllm.load() if healthy else None
+            self.vllm_load = probe.load
             self.consumer.changed()
             await asyncio.sleep(interval)
 

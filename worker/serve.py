@@ -22,17 +22,19 @@ import openai
 
 from dispatcher.errors import error_body
 from dispatcher.settings import WorkerSettings
-from dispatcher.wire import H_TRACEPARENT, Kind, vllm_priority
+from dispatcher.wire import H_TRACEPARENT, Kind
+from worker import events
 from worker.accounting import TokenClock, WorkerAccounting
-from worker.job import Job, Usage, usage_of
+from worker.backends import Backend
+from worker.events import Usage
+from worker.job import Job
 from worker.replies import ReplySender
+from worker.tenancy import salt_body, salt_key
 from worker.vllm import VLLMClient, sse_events
 
 log = logging.getLogger("dispatcher.worker")
 
 _json = msgspec.json.Decoder(dict[str, Any])
-_USAGE = b'"usage"'
-_USAGE_ONLY = b'"choices":[]'
 # vLLM answers these while it starts or stops: the request did not run, another try may.
 RETRYABLE_STATUS = {502, 503}
 
@@ -46,6 +48,7 @@ class JobRunner:
         self,
         settings: WorkerSettings,
         vllm: VLLMClient,
+        backend: Backend,
         replies: ReplySender,
         accounting: WorkerAccounting,
         *,
@@ -54,6 +57,8 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.vllm = vllm
+        self.backend = backend
+        self.salt_key = salt_key(settings)
         self.replies = replies
         self.accounting = accounting
         self.vllm_failed = vllm_failed  # pause consuming until vLLM is healthy again
@@ -71,18 +76,11 @@ class JobRunner:
         self.replies.send(job.reply_to, frame)
 
     def request_body(self, job: Job, raw: bytes) -> tuple[dict[str, Any], bool, bool]:
-        """vLLM's request body, whether it streams, and whether the client asked for usage."""
+        """The server's request body, whether it streams, and whether the client asked for usage."""
         body = _json.decode(raw)
         stream = body.get("stream") is True and job.endpoint != "embeddings"
-        wants_usage = True
-        if stream:
-            options = body.get("stream_options")
-            options = options if isinstance(options, dict) else {}
-            wants_usage = options.get("include_usage") is True
-            # Always ask for usage, to account for it; the chunk is dropped again if unasked.
-            body["stream_options"] = {**options, "include_usage": True}
-        if self.settings.vllm_priority:
-            body["priority"] = vllm_priority(job.priority)
+        wants_usage = self.backend.prepare(body, job.priority, stream=stream)
+        salt_body(body, job.token_name, self.salt_key)
         return body, stream, wants_usage
 
     def start(self, job: Job) -> None:
@@ -120,15 +118,17 @@ class JobRunner:
                         async for event in sse_events(upstream):
                             job.last_upstream_at = time.monotonic()
                             clock.event(event)
-                            if _USAGE in event and (found := usage_of(event[event.find(b"{") :])) is not None:
-                                usage = found
-                                if not wants_usage and _USAGE_ONLY in event.replace(b" ", b""):
+                            info = events.inspect(event)  # decide on parsed JSON; forward the bytes
+                            if info.usage is not None:
+                                usage = info.usage
+                                if info.usage_only and not wants_usage:
                                     continue
-                            chunks += 1
+                            if info.tokens:
+                                chunks += 1
                             self.send(job, Kind.DATA, event)
                     else:
                         data = await upstream.read()
-                        usage = usage_of(data)
+                        usage = events.body_usage(data)
                         self.send(job, Kind.DATA, data)
             except openai.APIStatusError as exc:
                 if exc.status_code in RETRYABLE_STATUS and not job.output_started:

@@ -8,7 +8,6 @@ types (see ``worker.netstream``), so callers catch ``openai.APIStatusError`` & c
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -37,7 +36,6 @@ __all__ = [
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
-_GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)\s*$", re.MULTILINE)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -71,29 +69,6 @@ class VLLMClient:
             raise ValueError(f"unknown endpoint {endpoint!r}")
         data = body if isinstance(body, bytes) else _encode(body)
         return self.http.post("/" + endpoint, data, headers)
-
-    async def healthy(self) -> bool:
-        try:
-            response = await self._probe.get(self.root_url + "/health")
-        except httpx2.HTTPError:
-            return False
-        return response.status_code == 200
-
-    async def load(self) -> dict[str, float] | None:
-        """vLLM's scheduler gauges from /metrics, or None when it has no such endpoint."""
-        try:
-            response = await self._probe.get(self.root_url + "/metrics")
-        except httpx2.HTTPError:
-            return None
-        if response.status_code != 200:
-            return None
-        gauges: dict[str, float] = {}
-        for name, value in _GAUGE.findall(response.content):
-            key = name.decode()
-            gauges[key] = gauges.get(key, 0.0) + float(value)
-        if "vllm:gpu_cache_usage_perc" in gauges:  # the older name
-            gauges.setdefault("vllm:kv_cache_usage_perc", gauges["vllm:gpu_cache_usage_perc"])
-        return gauges
 
 
 async def sse_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
