@@ -15,10 +15,20 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Requ
 _STRING = Schema(type=OpenAPIType.STRING)
 _STRINGS = Schema(type=OpenAPIType.ARRAY, items=_STRING)
 
+# The fields the gateway checks itself (gateway/requests.py): a wrong type is a 400 naming the field.
+_STREAM_OPTIONS = Schema(
+    type=[OpenAPIType.OBJECT, OpenAPIType.NULL],
+    properties={
+        "include_usage": Schema(type=[OpenAPIType.BOOLEAN, OpenAPIType.NULL]),
+        "continuous_usage_stats": Schema(type=[OpenAPIType.BOOLEAN, OpenAPIType.NULL]),
+    },
+)
+
 _COMMON: dict[str, Schema] = {
     "model": Schema(type=OpenAPIType.STRING, description="A model served by a live worker (see /v1/models)."),
-    "stream": Schema(type=OpenAPIType.BOOLEAN),
-    "max_tokens": Schema(type=OpenAPIType.INTEGER, minimum=1),
+    "stream": Schema(type=[OpenAPIType.BOOLEAN, OpenAPIType.NULL]),
+    "stream_options": _STREAM_OPTIONS,
+    "max_tokens": Schema(type=[OpenAPIType.INTEGER, OpenAPIType.NULL], minimum=1),
     "temperature": Schema(type=OpenAPIType.NUMBER, minimum=0, maximum=2),
     "user": _STRING,
 }
@@ -36,7 +46,11 @@ BODIES: dict[str, Schema] = {
     "chat/completions": Schema(
         type=OpenAPIType.OBJECT,
         required=["model", "messages"],
-        properties={**_COMMON, "messages": Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)},
+        properties={
+            **_COMMON,
+            "messages": Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1),
+            "max_completion_tokens": Schema(type=[OpenAPIType.INTEGER, OpenAPIType.NULL], minimum=1),
+        },
     ),
     "completions": Schema(
         type=OpenAPIType.OBJECT,

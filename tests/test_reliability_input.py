@@ -118,10 +118,17 @@ def test_hostile_requests_get_clear_4xx(stack: Stack) -> None:
 @pytest.mark.skipif(shutil.which("schemathesis", path=os.path.dirname(sys.executable)) is None,
                     reason="schemathesis is not installed")  # fmt: skip
 def test_schemathesis_finds_no_server_error(stack: Stack, tmp_path: Path) -> None:
+    # The fields the gateway checks itself are in the schema, so the fuzzer sends them wrong-typed too.
+    schema = httpx.get(stack.gateway_url + "/schema/openapi.json", timeout=10).json()
+    chat_body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    fields = chat_body["schema"]["properties"]
+    assert {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "messages"} <= set(fields)
     command = [
         os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run",
         stack.gateway_url + "/schema/openapi.json",
         "--checks", "not_a_server_error",
+        "--mode", "all",  # valid and invalid bodies (wrong types, missing fields)
+        "--phases", "examples,coverage,fuzzing",
         "--max-examples", "50",
         "--header", f"Authorization: Bearer {stack.token}",  # type: ignore[attr-defined]
         "--request-timeout", "20",
