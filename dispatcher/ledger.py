@@ -211,7 +211,10 @@ class Ledger:
                 self._add(publishing_id, data, loop.create_future())
             if entries:
                 self.metrics.records.labels("replayed").inc(len(entries))
-                log.warning("usage ledger: replaying %d unconfirmed records from %s", len(entries), self.wal.path)
+                log.warning(
+                    "usage ledger: replaying %d records from %s (the stream drops those it already has)",
+                    len(entries), self.wal.path,
+                )  # fmt: skip
         self._task = asyncio.create_task(self._run())
 
     async def flush(self, timeout: float) -> bool:

@@ -321,6 +321,24 @@ def answered_burst(stack: Stack, secret: str, count: int) -> list[str]:
     return run_sync(run)
 
 
+def wait_replayed(metrics_url: str, count: int, timeout: float = 20.0) -> None:
+    """Until the worker has replayed ``count`` records from its log and the stream confirmed them all."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(metrics_url, timeout=30).text
+        except httpx.HTTPError:  # a busy test machine
+            continue
+        if (
+            f'dispatcher_usage_ledger_records_total{{result="replayed"}} {float(count)}' in text
+            and "dispatcher_usage_ledger_pending_records 0.0" in text
+        ):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no replay: " + "\n".join(line for line in text.splitlines() if "ledger" in line))
+
+
 @pytest.mark.slow
 async def test_kill_9_right_after_answers_loses_no_record(stream_name: str, tmp_path: Path) -> None:
     wal = tmp_path / "worker-usage.wal"
@@ -345,8 +363,8 @@ async def test_kill_9_right_after_answers_loses_no_record(stream_name: str, tmp_
         records = [r for r in await read_usage(STREAM_URL, stream_name, since) if r.token == "kill-nine"]
         assert id_counts(records) == Counter(answered)
         # A new worker on the same log replays what the killed one had not compacted: still once each.
-        stack.start_worker(max_concurrency=4)
-        await asyncio.sleep(2)
+        restarted = stack.start_worker(max_concurrency=4)
+        await asyncio.to_thread(wait_replayed, restarted.url + "/metrics", len(answered))  # type: ignore[attr-defined]
         records = [r for r in await read_usage(STREAM_URL, stream_name, since) if r.token == "kill-nine"]
         assert id_counts(records) == Counter(answered)
     finally:
