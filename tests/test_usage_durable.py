@@ -369,3 +369,60 @@ async def test_kill_9_right_after_answers_loses_no_record(stream_name: str, tmp_
         assert id_counts(records) == Counter(answered)
     finally:
         stack.close()
+
+
+@pytest.mark.slow
+async def test_a_worker_whose_stream_is_gone_too_long_stops_taking_requests_and_loses_nothing(
+    stream_name: str, tmp_path: Path
+) -> None:
+    """The documented outage behaviour, end to end: requests are still answered while the log fills
+    (each end waits DISPATCHER_USAGE_COMMIT_TIMEOUT, no longer); beyond DISPATCHER_USAGE_WAL_MAX_BYTES the
+    worker takes no new request (it waits in RabbitMQ); a worker with the stream back replays the log."""
+    wal = tmp_path / "worker-usage.wal"
+    common = {"DISPATCHER_USAGE_STREAM_NAME": stream_name, "DISPATCHER_USAGE_WAL": str(wal)}
+    dead = f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/"
+    stack = Stack(tmp_path, env=common)
+    try:
+        stack.start_simulator(max_num_seqs=8, decode_ms=5)
+        worker = stack.start_worker(
+            max_concurrency=2,
+            env={
+                "DISPATCHER_USAGE_STREAM_URL": dead,
+                "DISPATCHER_USAGE_WAL_MAX_BYTES": "1500",  # about 4 records
+                "DISPATCHER_USAGE_COMMIT_TIMEOUT": "0.3",
+            },
+        )
+        stack.start_gateway()
+        secret = stack.add_token("outage", priority=3)
+        since = time.time()
+        auth = {"Authorization": f"Bearer {secret}"}
+        body = {"model": stack.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with httpx.AsyncClient(base_url=stack.gateway_url, headers=auth, timeout=60) as client:
+            answered = []
+            for _ in range(5):
+                r = await client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200
+                answered.append(r.headers["x-request-id"])
+            metrics = (await client.get(worker.url + "/metrics")).text  # type: ignore[attr-defined]
+            assert "dispatcher_usage_ledger_full 1.0" in metrics
+            assert "exceed the bound" in worker.log()
+            # Full: the next request waits in the queue instead of being served.
+            waiting = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            done, _ = await asyncio.wait((waiting,), timeout=3)
+            assert not done
+            # The stream is back (a worker that can reach it, on the same log): the backlog is sent,
+            # and the waiting request is served.
+            worker.stop()
+            stack.start_worker(max_concurrency=2, env={"DISPATCHER_USAGE_STREAM_URL": STREAM_URL})
+            r = await waiting
+            assert r.status_code == 200
+            answered.append(r.headers["x-request-id"])
+        deadline = time.monotonic() + 20
+        while True:
+            records = [r for r in await read_usage(STREAM_URL, stream_name, since) if r.token == "outage"]
+            if len(records) >= len(answered) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert id_counts(records) == Counter(answered)
+    finally:
+        stack.close()
