@@ -98,6 +98,9 @@ class RabbitCluster:
     def kill(self, i: int) -> None:
         self.nodes[i].kill()
 
-    def close(self) -> None:
+    def close(self, *, discard: bool = False) -> None:
+        """Stop every node and remove its files; ``discard``: SIGKILL, nothing in it is worth a clean stop."""
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            if discard:
+                list(pool.map(lambda node: node.kill(), self.nodes))
             list(pool.map(lambda node: node.close(), self.nodes))

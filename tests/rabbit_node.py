@@ -90,6 +90,7 @@ class RabbitNode:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            cwd=self.base,  # crash dumps (erl_crash.dump, MnesiaCore.*) land here, not in the caller's directory
             start_new_session=True,  # its own process group: close() kills beam, epmd children and all
         )
         while time.monotonic() - started < timeout:
