@@ -86,6 +86,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         decode_ms=args.decode_ms,
         decode_ms_per_seq=args.decode_ms_per_seq,
         json_style=args.json_style,
+        scheduling_policy=args.scheduling_policy,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_model_len=args.max_model_len,
     )
 
 
@@ -252,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
     p.add_argument("--json-style", choices=("compact", "spaced"), default="compact",
                    help="compact JSON like vLLM, or spaced (json.dumps default, keys reversed)")  # fmt: skip
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="priority",
+                   help="vLLM's waiting-queue order (vLLM's own default is fcfs)")  # fmt: skip
+    p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size in tokens; when full, vLLM-style preemption")
+    p.add_argument("--max-model-len", type=int, default=4096)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("tokens", help="manage API tokens")

@@ -562,15 +562,33 @@ def create_app(
     json_style: str = "compact",
     priority_scheduling: bool = True,
     max_model_len: int = 4096,
+    scheduling_policy: str | None = None,
+    kv_cache_tokens: int | None = None,
 ) -> Starlette:
-    """Build the simulator app; each engine step lasts ``decode_ms + decode_ms_per_seq * running`` ms."""
-    engine = Engine(max_num_seqs, decode_ms=decode_ms, decode_ms_per_seq=decode_ms_per_seq, prefill_ms=prefill_ms)
+    """Build the simulator app; each engine step lasts ``decode_ms + decode_ms_per_seq * running`` ms.
+
+    ``scheduling_policy`` is vLLM's ``--scheduling-policy`` (fcfs|priority; default: priority, unlike
+    vLLM, so that tests may pass priorities; ``priority_scheduling=False`` means fcfs). Under fcfs a
+    non-zero ``priority`` is refused, as vLLM does. ``kv_cache_tokens`` bounds the KV cache (None:
+    unlimited, no preemption); like vLLM, it must hold at least one request of ``max_model_len``.
+    """
+    policy = scheduling_policy or ("priority" if priority_scheduling else "fcfs")
+    if kv_cache_tokens is not None and kv_cache_tokens < max_model_len:
+        raise ValueError(f"kv_cache_tokens ({kv_cache_tokens}) is smaller than max_model_len ({max_model_len})")
+    engine = Engine(
+        max_num_seqs,
+        decode_ms=decode_ms,
+        decode_ms_per_seq=decode_ms_per_seq,
+        prefill_ms=prefill_ms,
+        policy=policy,
+        kv_cache_tokens=kv_cache_tokens,
+    )
     sim = Simulator(
         model,
         engine,
         max_tokens_default=max_tokens_default,
         seed=seed,
-        priority_scheduling=priority_scheduling,
+        priority_scheduling=policy == "priority",
         max_model_len=max_model_len,
     )
 

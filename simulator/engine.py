@@ -1,9 +1,23 @@
 """Continuous-batching scheduler of the vLLM simulator.
 
-One asyncio task drives every sequence: each step it admits waiting sequences (priority ascending,
-then arrival) up to ``max_num_seqs``, sleeps for the simulated step time and gives every running
-sequence one token. Consumers are woken through one future per sequence, so the token rate is set by
-simulated time, not by CPU, and no per-token timers or tasks exist.
+One asyncio task drives every sequence: each step it admits waiting sequences up to ``max_num_seqs``,
+sleeps for the simulated step time and gives every running sequence one token. Consumers are woken
+through one future per sequence, so the token rate is set by simulated time, not by CPU, and no
+per-token timers or tasks exist.
+
+Scheduling follows vLLM's V1 scheduler (vllm/v1/core/sched/scheduler.py, request_queue.py):
+- ``policy="fcfs"``: the waiting queue is arrival order; ``"priority"``: ordered by the request's
+  ``priority`` (lower first), ties by arrival.
+- A waiting request never displaces a running one: when ``max_num_seqs`` run, it waits for one to end
+  (vLLM's waiting loop breaks on ``len(running) == max_num_running_reqs``; issue vllm#40004).
+- Preemption happens only under KV-cache pressure (``kv_cache_tokens``; off by default = unlimited):
+  when the running sequences' next tokens do not fit, the victim is the last admitted (fcfs) or the
+  one with the largest (priority, arrival) (priority). It goes back to the waiting queue (fcfs: at its
+  head) keeping the tokens it already streamed, and is prefilled again when re-admitted. No request
+  is admitted in a step that preempted.
+Differences from vLLM: KV usage is counted in tokens (prompt + generated), not 16-token blocks; no
+prefix caching, chunked-prefill budget or swap; a preempted request's re-prefill costs one prefill
+like a new one.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ RUNNING = 1
 FINISHED = 2
 ABORTED = 3
 
+POLICIES = ("fcfs", "priority")
+
 
 class Sequence:
     """One request inside the engine; ``generated`` counts the tokens produced so far."""
@@ -33,6 +49,7 @@ class Sequence:
         "arrival",
         "generated",
         "max_tokens",
+        "preemptions",
         "priority",
         "prompt_tokens",
         "request_id",
@@ -62,6 +79,7 @@ class Sequence:
         # Non-streaming consumers only need the end: waking them per token would cost CPU for nothing.
         self.stream = stream
         self.generated = 0
+        self.preemptions = 0  # times the engine took it off the batch for KV space (vLLM: recomputed later)
         self.state = WAITING
         self.arrival = -1
         self._waiter: asyncio.Future[None] | None = None
@@ -103,15 +121,26 @@ class Engine:
         decode_ms_per_seq: float = 0.25,
         prefill_ms: float = 5.0,
         log_size: int = 10_000,
+        policy: str = "priority",
+        kv_cache_tokens: int | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if kv_cache_tokens is not None and kv_cache_tokens < 1:
+            raise ValueError("kv_cache_tokens must be >= 1 (or None: unlimited)")
         self.max_num_seqs = max_num_seqs
+        self.policy = policy
+        self.kv_cache_tokens = kv_cache_tokens
         self.decode_ms = decode_ms
         self.decode_ms_per_seq = decode_ms_per_seq
         self.prefill_ms = prefill_ms
+        # One heap for both policies: (priority or 0, order, seq). fcfs puts preempted sequences in front
+        # with negative orders, as vLLM's FCFS queue prepends them.
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._num_waiting = 0
+        self._front = itertools.count(-1, -1)
         # Keyed by arrival number; dicts keep insertion order, so the batch order is admission order.
         self._running: dict[int, Sequence] = {}
         self._arrivals = itertools.count()
@@ -123,15 +152,25 @@ class Engine:
         self.started = 0
         self.finished = 0
         self.aborted = 0
+        self.preempted = 0
         self.generated_tokens = 0
         # Monotonic counters for /metrics (Prometheus counters never go back).
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.success_total = 0
+        self.preemptions_total = 0
+        self.steps = 0  # engine steps so far (never reset): per-step figures do not depend on CPU speed
 
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache in use (vLLM's kv_cache_usage_perc); running / max_num_seqs if unlimited."""
+        if self.kv_cache_tokens is None:
+            return len(self._running) / self.max_num_seqs
+        return min(1.0, sum(s.prompt_tokens + s.generated for s in self._running.values()) / self.kv_cache_tokens)
 
     @property
     def num_waiting(self) -> int:
@@ -140,13 +179,14 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queue ``seq``; it is started by the engine loop in (priority, arrival) order."""
         self._ensure_loop()
-        seq.arrival = next(self._arrivals)
-        seq.state = WAITING
-        heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq))
-        self._num_waiting += 1
-        self._record("queued", seq)
+        self.enqueue(seq)
         assert self._wakeup is not None
         self._wakeup.set()
+
+    def _enqueue(self, seq: Sequence, order: int) -> None:
+        seq.state = WAITING
+        heapq.heappush(self._waiting, (seq.priority if self.policy == "priority" else 0, order, seq))
+        self._num_waiting += 1
 
     def abort(self, seq: Sequence) -> None:
         """Remove ``seq`` at once (no more tokens); a running one frees its slot for the next step."""
@@ -163,7 +203,7 @@ class Engine:
         seq._wake()
 
     def reset_stats(self) -> None:
-        self.started = self.finished = self.aborted = self.generated_tokens = 0
+        self.started = self.finished = self.aborted = self.preempted = self.generated_tokens = 0
         self.log.clear()
 
     def stats(self) -> dict[str, Any]:
@@ -171,9 +211,12 @@ class Engine:
             "started": self.started,
             "finished": self.finished,
             "aborted": self.aborted,
+            "preempted": self.preempted,
+            "policy": self.policy,
             "running": self.num_running,
             "waiting": self.num_waiting,
             "generated_tokens": self.generated_tokens,
+            "steps": self.steps,
             "log": list(self.log),
         }
 
@@ -210,30 +253,84 @@ class Engine:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run(), name="simulator-engine")
 
+    def _kv_needed(self, seq: Sequence) -> int:
+        # Tokens whose KV the next step holds for seq: its prompt, its output so far and the new token.
+        return seq.prompt_tokens + seq.generated + 1
+
+    def _preempt(self) -> bool:
+        """Free KV for the running sequences' next tokens, as vLLM's running loop does; True if any went."""
+        if self.kv_cache_tokens is None:
+            return False
+        used = sum(self._kv_needed(s) for s in self._running.values())
+        preempted = False
+        while used > self.kv_cache_tokens and self._running:
+            if self.policy == "priority":
+                victim = max(self._running.values(), key=lambda s: (s.priority, s.arrival))
+            else:
+                victim = next(reversed(self._running.values()))  # the last admitted
+            del self._running[victim.arrival]
+            used -= self._kv_needed(victim)
+            victim.preemptions += 1
+            self._enqueue(victim, victim.arrival if self.policy == "priority" else next(self._front))
+            self.preempted += 1
+            self.preemptions_total += 1
+            self._record("preempted", victim)
+            preempted = True
+        return preempted
+
     def _admit(self) -> int:
         new = 0
+        if self._preempt():
+            return 0  # vLLM schedules no waiting request in a step that preempted
+        budget = self.kv_cache_tokens
+        used = sum(self._kv_needed(s) for s in self._running.values()) if budget is not None else 0
         while self._waiting and len(self._running) < self.max_num_seqs:
-            _, _, seq = heapq.heappop(self._waiting)
+            _, _, seq = self._waiting[0]
             if seq.state != WAITING:
+                heapq.heappop(self._waiting)
                 continue  # aborted while waiting
+            if budget is not None:
+                if used + self._kv_needed(seq) > budget:
+                    break  # the head does not fit: vLLM stops admitting, it does not skip ahead
+                used += self._kv_needed(seq)
+            heapq.heappop(self._waiting)
             self._num_waiting -= 1
             seq.state = RUNNING
             self._running[seq.arrival] = seq
+            new += 1
+            if seq.preemptions:
+                self._record("resumed", seq)  # its streamed tokens stay; only its KV is computed again
+                continue
             self.started += 1
             self.prompt_tokens_total += seq.prompt_tokens
             self._record("started", seq)
-            new += 1
         return new
 
-    def _step(self) -> None:
+    def plan_step(self) -> float:
+        """Admit what the rules allow; the next step's duration in seconds (0.0: nothing to run).
+
+        With ``finish_step`` this is the whole engine without a clock: the asyncio loop below sleeps in
+        between, a discrete-event model (loadtest/priority_model.py) advances virtual time instead.
+        """
+        new = self._admit()
+        n = len(self._running)
+        if not n:
+            return 0.0
+        # Prefill of newly admitted sequences is folded into this step (like chunked prefill).
+        return (self.decode_ms + self.decode_ms_per_seq * n + (self.prefill_ms if new else 0.0)) / 1000
+
+    def finish_step(self) -> list[Sequence]:
+        """Give every running sequence its token; returns that batch (finished ones are FINISHED now)."""
+        batch = list(self._running.values())
         done: list[Sequence] = []
-        for seq in self._running.values():
+        for seq in batch:
             seq.generated += 1
             if seq.generated >= seq.max_tokens:
                 done.append(seq)
             elif seq.stream:
                 seq._wake()
-        n = len(self._running)
+        n = len(batch)
+        self.steps += 1
         self.generated_tokens += n
         self.generation_tokens_total += n
         for seq in done:
@@ -243,6 +340,13 @@ class Engine:
             self.success_total += 1
             self._record("finished", seq)
             seq._wake()
+        return batch
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue ``seq`` without starting the asyncio loop (for a caller that drives the steps itself)."""
+        seq.arrival = next(self._arrivals)
+        self._enqueue(seq, seq.arrival)
+        self._record("queued", seq)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -254,12 +358,9 @@ class Engine:
                 wakeup.clear()
                 await wakeup.wait()
                 target = loop.time()
-            new = self._admit()
-            n = len(self._running)
-            if not n:
+            step = self.plan_step()
+            if not step:
                 continue
-            # Prefill of newly admitted sequences is folded into this step (like chunked prefill).
-            step = (self.decode_ms + self.decode_ms_per_seq * n + (self.prefill_ms if new else 0.0)) / 1000
             target += step
             now = loop.time()
             if target < now - step:
@@ -267,6 +368,6 @@ class Engine:
                 target = now
             await asyncio.sleep(max(0.0, target - now))
             try:
-                self._step()
+                self.finish_step()
             except Exception:  # pragma: no cover - a bug here must not kill every stream silently
                 logger.exception("simulator engine step failed")
