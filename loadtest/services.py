@@ -185,12 +185,14 @@ class Services:
         worker_concurrency: int,
         decode_ms_per_seq: float = 0.25,
         gateway_workers: int = 1,
+        gateway_env: dict[str, str] | None = None,
+        simulator_args: tuple[str, ...] = (),
     ) -> None:
         port = free_port()
         self._spawn(
             "simulator", "simulate", "--model", self.model, "--port", str(port),
             "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
-            "--decode-ms-per-seq", str(decode_ms_per_seq),
+            "--decode-ms-per-seq", str(decode_ms_per_seq), *simulator_args,
         )  # fmt: skip
         self.simulator_url = f"http://127.0.0.1:{port}"
         wait_http(self.simulator_url + "/health")
@@ -200,7 +202,11 @@ class Services:
         # is set out of reach, but stays active, so the limiter's cost per request is measured.
         self._spawn(
             "gateway", "gateway", "--port", str(port), "--workers", str(gateway_workers),
-            env={"DISPATCHER_MAX_QUEUED_PER_TOKEN": "1000000", "DISPATCHER_METRICS_PORT": str(free_port())},
+            env={
+                "DISPATCHER_MAX_QUEUED_PER_TOKEN": "1000000",
+                "DISPATCHER_METRICS_PORT": str(free_port()),
+                **(gateway_env or {}),
+            },
         )  # fmt: skip
         self.gateway_url = f"http://127.0.0.1:{port}"
         wait_http(self.gateway_url + "/ready")
