@@ -1,17 +1,30 @@
-"""Chaos run: streaming load while a worker is killed and the broker restarts; nothing may hang or repeat.
+"""Chaos run: streaming load through every fault of issue 10; nothing may hang, repeat or reorder.
 
-    python -m loadtest.chaos [--seconds 30] [--clients 12]
+    python -m loadtest.chaos [--seconds 40] [--clients 12]
 
-Starts its own private RabbitMQ node, simulator, two workers and a gateway (tests/stack.py,
-tests/rabbit_node.py; run it from the repository root), sends streamed requests from
-``--clients`` loops, SIGKILLs a worker (and starts a replacement) a third of the way in and
-restarts the broker at two thirds, then prints:
+Starts a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py; quorum queues), a simulator,
+two workers and two gateways (tests/stack.py; run it from the repository root), sends streamed
+requests from ``--clients`` loops spread over the live gateways, and on a timeline:
 
-- sent, completed (the whole answer), failed cleanly (an HTTP error or an SSE error event, then
-  the end of the response), hung (no end within ``--hang-after`` seconds: must be 0),
-- duplicated (an answer with repeated content, or a request that vLLM completed twice: must be 0).
+1. cuts a worker's broker connections (``rabbitmqctl close_connection``),
+2. cuts a gateway's broker connections,
+3. stops the RabbitMQ node a worker consumes from (started again in the background),
+4. kills vLLM (the simulator) and starts it again on the same port,
+5. kill -9's a gateway and starts a replacement.
 
-Exits 1 when anything hung or was duplicated. Traffic goes to 127.0.0.1 only, bounded in time.
+Every request asks for the same seeded answer, so each stream is judged against one direct run
+(tests/faults.py ``judge``). It prints:
+
+- sent; completed (the direct run's stream); failed cleanly (an HTTP error, or the direct run's
+  beginning then one OpenAI-style error event); cut by the gateway kill (the HTTP connection broke);
+- duplicated (a repeated role chunk or more text than asked for), reordered (any other departure
+  from the direct run: a gap, a reorder, a changed chunk id), hung (no end within ``--hang-after``);
+- generated-for-nobody seconds (simulator time spent on copies nobody received, counted from the
+  moment their client had its answer, its error or its broken connection);
+- queued-and-lost: a stream that was accepted (200) and ended in an error or hung without vLLM
+  ever starting it, while its gateway lived: the queue lost it.
+
+Exits 1 when anything hung, was duplicated, reordered or queued-and-lost. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import argparse
 import asyncio
 import collections
 import json
+import random
 import sys
 import tempfile
 import time
@@ -29,134 +43,284 @@ from pathlib import Path
 
 import httpx
 
-from tests.rabbit_node import RabbitNode
-from tests.stack import Stack
+from tests.faults import (
+    StreamResult,
+    broker_connections,
+    close_broker_connections,
+    direct_stream,
+    judge,
+    local_ports,
+)
+from tests.rabbit_cluster import RabbitCluster
+from tests.stack import Process, Stack, wait_http
 
 MAX_TOKENS = 40
+SEED = 5
+
+
+@dataclass
+class Outcome:
+    user: str
+    gateway: Process
+    kind: str  # completed | failed_cleanly | gateway_killed | duplicated | reordered | hung
+    ended_at: float
+    accepted: bool  # the gateway answered 200 (the stream was committed)
+    detail: str = ""
 
 
 @dataclass
 class Tally:
-    sent: int = 0
-    completed: int = 0
-    failed_cleanly: int = 0
-    hung: int = 0
-    duplicated: int = 0
-    broken: int = 0  # ended without [DONE] or a clear error: neither clean nor hung
+    outcomes: list[Outcome] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    users: list[str] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for o in self.outcomes if o.kind == kind)
 
 
-async def one_request(http: httpx.AsyncClient, stack: Stack, token: str, tally: Tally, hang_after: float) -> None:
-    user = "chaos-" + uuid.uuid4().hex[:12]
-    tally.sent += 1
-    tally.users.append(user)
-    body = {"model": stack.model, "user": user, "stream": True, "max_tokens": MAX_TOKENS,
+@dataclass
+class Rig:
+    cluster: RabbitCluster
+    stack: Stack
+    port: str = ""  # the simulator's
+    workers: list[Process] = field(default_factory=list)
+    gateways: list[Process] = field(default_factory=list)
+    killed: set[int] = field(default_factory=set)  # ids of gateways killed on purpose
+
+    def live_gateways(self) -> list[Process]:
+        return [g for g in self.gateways if g.alive()]
+
+    def start_gateway(self) -> Process:
+        gateway = self.stack.start_gateway()
+        gateway.url = self.stack.gateway_url  # type: ignore[attr-defined]
+        self.gateways.append(gateway)
+        return gateway
+
+    def ctl_node(self) -> int:
+        return next(i for i, node in enumerate(self.cluster.nodes) if node.running)
+
+
+def body_for(stack: Stack, user: str) -> dict[str, object]:
+    return {"model": stack.model, "user": user, "stream": True, "max_tokens": MAX_TOKENS, "seed": SEED,
             "messages": [{"role": "user", "content": "chaos"}]}  # fmt: skip
-    headers = {"Authorization": f"Bearer {token}"}
+
+
+def classify(result: StreamResult, reference: StreamResult) -> tuple[str, str]:
+    try:
+        verdict = judge(result, reference)
+    except AssertionError as exc:
+        roles = sum(1 for c in result.data if c.get("choices") and c["choices"][0]["delta"].get("role"))
+        words = len(result.text().split())
+        kind = "duplicated" if roles > 1 or words > MAX_TOKENS else "reordered"
+        return kind, str(exc)[:80]
+    return ("completed", "") if verdict == "complete" else ("failed_cleanly", result.errors[0]["message"][:60])
+
+
+async def one_request(
+    http: httpx.AsyncClient, rig: Rig, reference: StreamResult, tally: Tally, hang_after: float
+) -> None:
+    gateways = rig.live_gateways()
+    if not gateways:
+        await asyncio.sleep(0.2)
+        return
+    gateway = random.choice(gateways)
+    user = "chaos-" + uuid.uuid4().hex[:12]
+    headers = {"Authorization": f"Bearer {rig.stack.token}"}
+    url = gateway.url + "/v1/chat/completions"  # type: ignore[attr-defined]
+    result = StreamResult(0)
     raw = b""
+    kind, detail = "", ""
     try:
         async with asyncio.timeout(hang_after):
-            async with http.stream("POST", stack.gateway_url + "/v1/chat/completions", json=body, headers=headers) as r:
-                status = r.status_code
+            async with http.stream("POST", url, json=body_for(rig.stack, user), headers=headers) as r:
+                result.status = r.status_code
                 async for chunk in r.aiter_bytes():
                     raw += chunk
     except TimeoutError:
-        tally.hung += 1
-        return
-    except httpx.HTTPError as exc:  # refused while the gateway is... never expected, counted apart
-        tally.broken += 1
-        tally.errors[type(exc).__name__] += 1
-        return
-    if status != 200:
-        try:
-            tally.errors[f"{status} {json.loads(raw)['error']['message'][:60]}"] += 1
-            tally.failed_cleanly += 1
-        except (ValueError, KeyError):
-            tally.broken += 1
-        return
-    events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
-    if not events or events[-1] != b"data: [DONE]":
-        tally.broken += 1
-        return
-    chunks = [json.loads(e[6:]) for e in events[:-1]]
-    if any("error" in c for c in chunks):
-        tally.errors["stream: " + next(c["error"]["message"][:60] for c in chunks if "error" in c)] += 1
-        tally.failed_cleanly += 1
-        return
-    roles = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role"))
-    words = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]).split()
-    if roles != 1 or len(words) != MAX_TOKENS or events.count(b"data: [DONE]") != 1:
-        tally.duplicated += 1
-        return
-    tally.completed += 1
+        kind = "hung"
+    except httpx.HTTPError as exc:
+        # The gateway went away under the request (killed on purpose) or refused it (being replaced).
+        kind = "gateway_killed" if id(gateway) in rig.killed else "reordered"
+        detail = type(exc).__name__
+    ended_at = time.monotonic()
+    if not kind:
+        events = [e for e in raw.split(b"\n\n") if e.strip() and not e.startswith(b":")]
+        result.events = events
+        if result.status != 200:
+            try:
+                detail = f"{result.status} {json.loads(raw)['error']['message'][:60]}"
+                kind = "failed_cleanly"
+            except (ValueError, KeyError):
+                kind, detail = "reordered", f"{result.status} without an OpenAI error body"
+        else:
+            kind, detail = classify(result, reference)
+    tally.outcomes.append(Outcome(user, gateway, kind, ended_at, result.status == 200, detail))
+    if detail:
+        tally.errors[f"{kind}: {detail}"] += 1
 
 
-async def client_loop(http: httpx.AsyncClient, stack: Stack, token: str, tally: Tally, until: float,
-                      hang_after: float) -> None:  # fmt: skip
+async def client_loop(
+    http: httpx.AsyncClient, rig: Rig, reference: StreamResult, tally: Tally, until: float, hang_after: float
+) -> None:
     while time.monotonic() < until:
-        completed = tally.completed
-        await one_request(http, stack, token, tally, hang_after)
-        if tally.completed == completed:
+        done = len(tally.outcomes)
+        await one_request(http, rig, reference, tally, hang_after)
+        if tally.outcomes[done:] and tally.outcomes[-1].kind != "completed":
             await asyncio.sleep(0.2)  # a client backs off after an error, as a real one would
 
 
-async def chaos(stack: Stack, node: RabbitNode, seconds: float, log: list[str]) -> None:
+def _ports_of(rig: Rig, process: Process) -> set[int]:
+    ports: set[int] = set()
+    for node in rig.cluster.nodes:
+        ports |= local_ports(process.popen.pid, node.port)
+    return ports
+
+
+async def cut(rig: Rig, process: Process, log: list[str], started: float, what: str) -> None:
+    node = rig.cluster.nodes[rig.ctl_node()]
+    known = await asyncio.to_thread(broker_connections, node.ctl)
+    closed = await asyncio.to_thread(
+        close_broker_connections, _ports_of(rig, process), "chaos", ctl=node.ctl, known=known
+    )
+    log.append(f"{time.monotonic() - started:5.1f}s  cut {what}'s connections: {closed}")
+
+
+async def chaos(rig: Rig, seconds: float, log: list[str]) -> None:
     started = time.monotonic()
-    await asyncio.sleep(seconds / 3)
-    victim = next(p for p in stack.processes if p.name == "worker" and p.alive())
-    victim.kill()
-    log.append(f"{time.monotonic() - started:5.1f}s  killed worker pid {victim.popen.pid}")
-    await asyncio.to_thread(stack.start_worker, 8)
-    log.append(f"{time.monotonic() - started:5.1f}s  replacement worker ready")
-    await asyncio.sleep(max(0.0, started + 2 * seconds / 3 - time.monotonic()))
-    log.append(f"{time.monotonic() - started:5.1f}s  stopping the broker")
-    await asyncio.to_thread(node.stop)
+
+    async def at(share: float) -> None:
+        await asyncio.sleep(max(0.0, started + share * seconds - time.monotonic()))
+
+    def note(text: str) -> None:
+        log.append(f"{time.monotonic() - started:5.1f}s  {text}")
+
+    await at(0.12)
+    await cut(rig, rig.workers[0], log, started, "worker 1")
+    await at(0.25)
+    await cut(rig, rig.gateways[0], log, started, "gateway 1")
+    await at(0.38)
+    # A node worker 2 is connected to.
+    victim = next(
+        (i for i, node in enumerate(rig.cluster.nodes) if local_ports(rig.workers[1].popen.pid, node.port)), 1
+    )
+    await asyncio.to_thread(rig.cluster.stop, victim)
+    note(f"stopped RabbitMQ node {victim}")
+    restarting = asyncio.create_task(asyncio.to_thread(rig.cluster.start, victim))
+    await at(0.55)
+    simulator = next(p for p in reversed(rig.stack.processes) if p.name == "simulator" and p.alive())
+    simulator.kill()
+    note("killed vLLM")
     await asyncio.sleep(1.0)
-    await asyncio.to_thread(node.start)
-    log.append(f"{time.monotonic() - started:5.1f}s  broker back")
+    rig.stack.spawn("simulator", "simulate", "--model", rig.stack.model, "--port", rig.port,
+                    "--max-num-seqs", "32", "--decode-ms", "5")  # fmt: skip
+    await asyncio.to_thread(wait_http, rig.stack.simulator_url + "/health")
+    note("vLLM back")
+    await at(0.72)
+    doomed = rig.gateways[-1]
+    rig.killed.add(id(doomed))
+    doomed.kill()
+    note("killed gateway 2 (kill -9)")
+    await asyncio.to_thread(rig.start_gateway)
+    note("replacement gateway ready")
+    await restarting
+    note(f"RabbitMQ node {victim} back")
+
+
+def generated_for_nobody(sim_log: list[dict[str, object]], tally: Tally, now: float) -> float:
+    """Seconds of generation nobody received: copies other than the delivered one, from the moment
+    their client had its answer (or error, or broken connection); still running ones up to ``now``."""
+    by_user: dict[str, dict[str, list[dict[str, object]]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    for entry in sim_log:
+        if entry["event"] in ("started", "finished", "aborted"):
+            by_user[str(entry["user"])][str(entry["request_id"])].append(entry)
+    total = 0.0
+    for outcome in tally.outcomes:
+        copies = by_user.get(outcome.user, {})
+        delivered = None
+        if outcome.kind == "completed":
+            finished = [rid for rid, events in copies.items() if events[-1]["event"] == "finished"]
+            delivered = finished[0] if finished else None
+        for rid, events in copies.items():
+            if rid == delivered or events[0]["event"] != "started":
+                continue
+            start = max(float(events[0]["t"]), outcome.ended_at)  # type: ignore[arg-type]
+            end = float(events[-1]["t"]) if events[-1]["event"] != "started" else now  # type: ignore[arg-type]
+            total += max(0.0, end - start)
+    return total
+
+
+def queued_and_lost(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) -> int:
+    started = {e["user"] for e in sim_log if e["event"] == "started"}
+    return sum(
+        1
+        for o in tally.outcomes
+        if o.kind in ("failed_cleanly", "hung")
+        and o.accepted
+        and o.user not in started
+        and id(o.gateway) not in rig.killed
+    )
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> int:
-    node = RabbitNode(tmp)
-    node.start()
-    stack = Stack(tmp, amqp_url=node.url, env={"DISPATCHER_IDLE_TIMEOUT": "5", "DISPATCHER_HEARTBEAT_INTERVAL": "1"})
+    cluster = RabbitCluster(tmp)
+    stack = Stack(
+        tmp,
+        amqp_url=cluster.url,
+        env={
+            "DISPATCHER_QUEUE_TYPE": "quorum",
+            "DISPATCHER_IDLE_TIMEOUT": "5",
+            "DISPATCHER_HEARTBEAT_INTERVAL": "1",
+            "DISPATCHER_GATEWAY_WORKERS": "1",
+        },
+    )
+    rig = Rig(cluster, stack)
     try:
-        stack.start_simulator(max_num_seqs=16, decode_ms=5)
-        stack.start_worker(8)
-        stack.start_worker(8)
-        stack.start_gateway()
-        token = stack.add_token("chaos", priority=5)
+        stack.start_simulator(max_num_seqs=32, decode_ms=5)
+        rig.port = stack.simulator_url.rsplit(":", 1)[1]
+        boot = cluster.start()
+        print(f"cluster booted in {boot:.1f} s")
+        rig.workers = [stack.start_worker(8), stack.start_worker(8)]
+        rig.start_gateway()
+        rig.start_gateway()
+        stack.token = stack.add_token("chaos", priority=5)
         tally, log = Tally(), []
-        until = time.monotonic() + args.seconds
         limits = httpx.Limits(max_connections=args.clients + 4)
         async with httpx.AsyncClient(timeout=httpx.Timeout(args.hang_after * 2), limits=limits) as http:
+            reference = await direct_stream(http, stack, body_for(stack, "reference"))
             await http.post(stack.simulator_url + "/sim/reset")
-            loops = [client_loop(http, stack, token, tally, until, args.hang_after) for _ in range(args.clients)]
-            await asyncio.gather(chaos(stack, node, args.seconds, log), *loops)
+            until = time.monotonic() + args.seconds
+            loops = [client_loop(http, rig, reference, tally, until, args.hang_after) for _ in range(args.clients)]
+            await asyncio.gather(chaos(rig, args.seconds, log), *loops)
+            await asyncio.sleep(2.0)  # let aborted copies show up in the simulator's log
             sim_log = (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
+        nobody = generated_for_nobody(sim_log, tally, time.monotonic())
+        lost = queued_and_lost(sim_log, tally, rig)
         finished = collections.Counter(e["user"] for e in sim_log if e["event"] == "finished")
-        tally.duplicated += sum(1 for user in tally.users if finished[user] > 1)
+        twice = sum(1 for o in tally.outcomes if finished[o.user] > 1)
     finally:
-        try:
-            stack.close()
-        finally:
-            node.close()
+        for process in stack.processes:
+            process.kill()
+        cluster.close(discard=True)
     print("\n".join(log))
-    for reason, count in tally.errors.most_common(8):
+    for reason, count in tally.errors.most_common(10):
         print(f"        {count:5d} x {reason}")
-    print(f"requests sent:      {tally.sent}")
-    print(f"completed:          {tally.completed}")
-    print(f"failed cleanly:     {tally.failed_cleanly}")
-    print(f"broken (no clear end): {tally.broken}")
-    print(f"hung:               {tally.hung}")
-    print(f"duplicated:         {tally.duplicated}")
-    return 1 if tally.hung or tally.duplicated or tally.broken else 0
+    print(f"requests sent:            {len(tally.outcomes)}")
+    print(f"completed:                {tally.count('completed')}")
+    print(f"failed cleanly:           {tally.count('failed_cleanly')}")
+    print(f"cut by the gateway kill:  {tally.count('gateway_killed')}")
+    print(f"duplicated:               {tally.count('duplicated')} (generated to the end twice: {twice})")
+    print(f"reordered:                {tally.count('reordered')}")
+    print(f"hung:                     {tally.count('hung')}")
+    print(f"generated for nobody:     {nobody:.1f} s")
+    print(f"queued and lost:          {lost}")
+    bad = tally.count("duplicated") + tally.count("reordered") + tally.count("hung") + lost + twice
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the load")
+    parser.add_argument("--seconds", type=float, default=40.0, help="length of the load")
     parser.add_argument("--clients", type=int, default=12, help="concurrent request loops")
     parser.add_argument("--hang-after", type=float, default=30.0, help="a request open this long has hung")
     args = parser.parse_args(argv)
