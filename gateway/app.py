@@ -277,7 +277,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         broker = GatewayBroker(settings)
         app.state.update(settings=settings, store=store, auth=auth, broker=broker, limits=limits)
         listener = asyncio.create_task(_listen_for_invalidations(redis, auth)) if redis else None
-        metrics_port = MetricsPort(settings.host, settings.metrics_port) if settings.metrics_port else None
+        metrics_port = MetricsPort(settings.host, settings.metrics_port) if settings.metrics_port > 0 else None
         if metrics_port is not None:
             metrics_port.start()
         await broker.start()
@@ -296,8 +296,9 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
 
     routes = [chat_completions, completions, embeddings, list_models, get_model, health, ready]
     return Litestar(
-        # /metrics on the API port only when no metrics port is set (see gateway.metrics_port).
-        route_handlers=[*routes, metrics] if not settings.metrics_port else routes,
+        # /metrics on the API port only when the metrics port is 0 (see gateway.metrics_port); a negative
+        # port: none at all (a process of `--workers N`, whose parent serves them all).
+        route_handlers=[*routes, metrics] if settings.metrics_port == 0 else routes,
         lifespan=[lifespan],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,

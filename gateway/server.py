@@ -88,7 +88,10 @@ def supervise(settings: GatewaySettings) -> int:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="dispatcher-gateway-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "DISPATCHER_METRICS_PORT": "0"}
+    # Children serve no /metrics of their own (-1) when this process serves their sum on the metrics port:
+    # with 0 they would answer /metrics on the API port, which an Ingress publishes.
+    metrics_port = "-1" if settings.metrics_port > 0 else "0"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "DISPATCHER_METRICS_PORT": metrics_port}
     command = [sys.executable, "-m", "dispatcher.cli", "gateway", "--reuse-port", "--workers", "1",
                "--host", host, "--port", str(port)]  # fmt: skip
     metrics_server = _serve_metrics(settings, metrics_dir)

@@ -30,7 +30,7 @@ from dispatcher.metrics import gateway_metrics
 from dispatcher.settings import WorkerSettings
 from dispatcher.tokens import TokenStore
 from gateway.auth import TokenAuthenticator, shared_redis
-from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, run_sync
+from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, run_sync, wait_http
 from tests.test_tenancy import fresh_database, run_cli  # noqa: F401 (fresh_database is a fixture)
 from worker.tenancy import cache_salt, salt_body, salt_key
 
@@ -79,6 +79,21 @@ def test_metrics_on_their_own_port_without_token_names(make_stack: type[Stack]) 
     log = gateway.log()
     assert long_name[:64] in log and long_name[:65] not in log
     assert "token=private-tenant" in log
+
+
+def test_gateway_processes_serve_no_metrics_on_the_api_port(make_stack: type[Stack]) -> None:
+    """With --workers N the parent serves the sum on the metrics port; the API port has none."""
+    stack = make_stack()
+    api, metrics = free_port(), free_port()
+    env = {"DISPATCHER_METRICS_PORT": str(metrics), "DISPATCHER_GATEWAY_WORKERS": "2"}
+    stack.spawn("gateway", "gateway", "--port", str(api), env=env)
+    wait_http(f"http://127.0.0.1:{api}/ready")
+    wait_http(f"http://127.0.0.1:{metrics}/metrics")
+    for _ in range(10):  # whichever process answers
+        assert http_get(f"http://127.0.0.1:{api}/metrics")[0] == 404
+        assert httpx.post(f"http://127.0.0.1:{api}/v1/chat/completions", json={}, timeout=10).status_code == 401
+    text = http_get(f"http://127.0.0.1:{metrics}/metrics")[1]
+    assert 'dispatcher_requests_total{model="",outcome="rejected",token=""} 10.0' in text, text[:2000]
 
 
 def test_metrics_port_taken_stops_the_gateway_with_a_clear_error(make_stack: type[Stack]) -> None:
