@@ -129,6 +129,7 @@ class Ledger:
         self._full = False
         self.frames = 0  # publish frames written (records per frame = how well commits are batched)
         self._down_since: float | None = None
+        self._adopter: asyncio.Task[None] | None = None
         self.metrics = ledger_metrics()
 
     # -- the request path --------------------------------------------------------------------
@@ -239,6 +240,10 @@ class Ledger:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        if self._adopter is not None and not self._adopter.done():
+            self._adopter.cancel()  # an orphan file not sent yet stays for the next start
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopter
         await self._disconnect()
         if self._pending:
             where = self.wal.path if self.wal is not None else "nowhere (no write-ahead log: lost)"
@@ -258,6 +263,8 @@ class Ledger:
                     await self._disconnect()
                     await self._connect()
                     backoff = 0.5
+                    if self._adopter is None and self.wal is not None:
+                        self._adopter = asyncio.create_task(self._adopt_orphans())
                 await self._send_unsent()
                 self._check_stalled()
                 self._maybe_compact()
@@ -276,6 +283,63 @@ class Ledger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), 0.5)
             self._wakeup.clear()
+
+    async def _adopt_orphans(self) -> None:
+        """Send the files of processes that are gone and were not restarted on this path (another
+        process of several on one host), each under its own publisher name, so the stream deduplicates."""
+        assert self.wal is not None
+        for orphan, entries in self.wal.orphans():
+            sent = False
+            try:
+                entries = [(pid, data) for pid, data in entries if decode_record(data) is not None]
+                if entries:
+                    await self._send_once(orphan.publisher, entries)
+                sent = True
+                log.warning(
+                    "usage ledger: sent %d records left in %s by a process that is gone", len(entries), orphan.path
+                )
+            except Exception as exc:
+                log.warning("usage ledger: could not send %s yet (%s); next start", orphan.path, exc)
+            finally:
+                orphan.close(remove=sent)
+
+    async def _send_once(self, publisher: str, entries: list[tuple[int, bytes]], timeout: float = 30.0) -> None:
+        """Send ``entries`` as ``publisher`` on a connection of their own; return once all are confirmed."""
+        waiting = {pid for pid, _ in entries}
+        all_confirmed = asyncio.Event()
+
+        def on_confirm(status: ConfirmationStatus) -> None:
+            if status.is_confirmed:
+                waiting.discard(status.message_id)
+                if not waiting:
+                    all_confirmed.set()
+
+        producer = Producer(
+            self.address.host,
+            connection_name=self.connection_name + "-replay",
+            recovery_strategy=BackOffRecoveryStrategy(enable=False),
+            **self.address.connect_kwargs(),  # type: ignore[arg-type]
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.send_timeout)
+            batch: list[RawMessage] = []
+            size = 0
+            for pid, data in [*entries, (0, b"")]:  # (0, b""): the end, flush the last frame
+                if batch and (not data or size + len(data) > FRAME_BYTES):
+                    await asyncio.wait_for(
+                        producer.send_batch(
+                            self.stream, batch, publisher_name=publisher, on_publish_confirm=on_confirm
+                        ),
+                        self.send_timeout,
+                    )
+                    batch, size = [], 0
+                if data:
+                    batch.append(RawMessage(data, publishing_id=pid))
+                    size += len(data) + 12
+            await asyncio.wait_for(all_confirmed.wait(), timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.close(), 2.0)
 
     async def _connect(self) -> None:
         generation = object()  # callbacks from an older, closed producer are ignored

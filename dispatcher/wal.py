@@ -52,22 +52,47 @@ class WriteAheadLog:
     def open(self) -> list[tuple[int, bytes]]:
         """Lock a file and return the records it holds (a predecessor's unconfirmed ones), oldest first."""
         self.base.parent.mkdir(parents=True, exist_ok=True)
-        for n in range(MAX_FILES):
-            path = self.base if n == 0 else self.base.with_name(f"{self.base.name}.{n}")
-            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(lock_fd)
-                continue
-            entries = self._read(path)
-            if entries is None:  # another stream's file
-                os.close(lock_fd)
-                continue
-            self.path, self._lock_fd = path, lock_fd
-            self._rewrite(entries)
-            return entries
+        for path in self._candidates():
+            entries = self._lock(path)
+            if entries is not None:
+                self._rewrite(entries)
+                return entries
         raise WalBusy(f"no free write-ahead log file at {self.base} (.1 … .{MAX_FILES - 1} are all in use)")
+
+    def _candidates(self) -> list[Path]:
+        return [self.base, *(self.base.with_name(f"{self.base.name}.{n}") for n in range(1, MAX_FILES))]
+
+    def _lock(self, path: Path) -> list[tuple[int, bytes]] | None:
+        """Take ``path`` if no live process holds it and it is this stream's: its records (else None)."""
+        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        entries = self._read(path)
+        if entries is None:  # another stream's file
+            os.close(lock_fd)
+            return None
+        self.path, self._lock_fd = path, lock_fd
+        return entries
+
+    def orphans(self) -> list[tuple[WriteAheadLog, list[tuple[int, bytes]]]]:
+        """The other files of this path left with records by processes that are gone (their locks are
+        free), each locked now, with its records: to be sent under its own publisher name."""
+        found = []
+        for path in self._candidates():
+            if path == self.path or not path.exists():
+                continue
+            other = WriteAheadLog(path, self.stream)
+            entries = other._lock(path)
+            if entries is None:
+                continue
+            if entries:
+                found.append((other, entries))
+            else:
+                other.close(remove=True)
+        return found
 
     def _read(self, path: Path) -> list[tuple[int, bytes]] | None:
         try:

@@ -158,6 +158,36 @@ async def test_side_by_side_processes_get_their_own_log_file(stream_name: str, t
         await second.close()
 
 
+def gone(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not path.exists()
+
+
+async def test_a_log_left_by_a_process_that_is_not_restarted_is_sent_by_a_neighbour(
+    stream_name: str, tmp_path: Path
+) -> None:
+    since = time.time()
+    wal = tmp_path / "usage.wal"
+    holder = WriteAheadLog(wal, stream_name)  # a live neighbour holds usage.wal...
+    holder.open()
+    dead = f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/"
+    await asyncio.to_thread(run_and_kill, dead, stream_name, wal, 30, "recorded")  # ...so this one used usage.wal.1
+    orphan = tmp_path / "usage.wal.1"
+    assert len(orphan.read_bytes().splitlines()) == 1 + 30
+    holder.close(remove=True)
+    ledger = Ledger(STREAM_URL, stream_name, wal=wal)
+    await ledger.start()
+    try:
+        assert await ledger.commit(make_record("own"))
+        assert await asyncio.to_thread(gone, orphan, 20)
+    finally:
+        await ledger.close()
+    expected = Counter(["own", *(f"killed-{i}" for i in range(30))])
+    assert id_counts(await read_usage(STREAM_URL, stream_name, since)) == expected
+
+
 def test_the_log_keeps_ids_across_restarts_and_skips_torn_lines_and_other_streams(tmp_path: Path) -> None:
     path = tmp_path / "usage.wal"
     log = WriteAheadLog(path, "s1")
