@@ -158,7 +158,9 @@ async def test_high_request_starts_without_waiting_for_a_slot(make_stack: type[S
     stack.start_gateway()
     low_token, high_token = stack.add_token("low", priority=1), stack.add_token("high", priority=9)
     url = stack.gateway_url + "/v1/completions"
-    low_tokens = 300 if headroom else 40  # with headroom no low request may end during the test
+    # Long enough that no low request ends before the lane is seen full; without headroom the high one
+    # then waits for the first of them to end.
+    low_tokens = 300 if headroom else 150
 
     async def run(token: str, user: str, max_tokens: int) -> str:
         headers = {"Authorization": f"Bearer {token}"}
