@@ -52,6 +52,25 @@ _INFO_COLUMNS = (
 )
 
 
+def _add_missing_columns(conn: sa.Connection) -> list[str]:
+    """Bring a tokens table made by an older release up to date: add the columns it lacks.
+
+    Migrations are additive only, so that old and new releases can share the table during a rollout
+    (old code names its columns and ignores new ones). A column added later must therefore be
+    nullable or have a server default; anything else needs a manual migration (docs/operations.md).
+    """
+    existing = {column["name"] for column in sa.inspect(conn).get_columns(tokens_table.name)}
+    added = []
+    for column in tokens_table.columns:
+        if column.name in existing:
+            continue
+        kind = column.type.compile(dialect=conn.dialect)
+        default = "" if column.server_default is None else f" DEFAULT {column.server_default.arg}"  # type: ignore[attr-defined]
+        conn.execute(sa.text(f"ALTER TABLE {tokens_table.name} ADD COLUMN {column.name} {kind}{default}"))
+        added.append(column.name)
+    return added
+
+
 class TokenInfo(msgspec.Struct, frozen=True):
     """What the gateway needs to know about a valid token (never the secret itself)."""
 
@@ -105,6 +124,9 @@ class TokenStore:
         if not self._schema_ready:
             async with self.engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
+                added = await conn.run_sync(_add_missing_columns)
+            if added:
+                log.info("tokens table: added columns %s", ", ".join(added))
             self._schema_ready = True
 
     async def lookup(self, token_hash: str) -> TokenInfo | None:

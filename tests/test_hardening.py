@@ -211,6 +211,34 @@ def test_tokens_sync_dry_run_no_revoke_and_delete(fresh_database: Stack) -> None
     assert missing.returncode != 0 and "no token named 'nobody'" in missing.stderr
 
 
+def test_a_tokens_table_of_an_older_release_gets_the_new_columns(fresh_database: Stack) -> None:  # noqa: F811
+    """A table made before the limits columns existed: the first command adds them (additive migration)."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    db = fresh_database
+
+    async def create_old_table() -> None:
+        engine = create_async_engine(db.database_url or "")
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(
+                    "CREATE TABLE dispatcher_tokens (name VARCHAR(128) PRIMARY KEY, token_hash VARCHAR(64) NOT NULL "
+                    "UNIQUE, priority INTEGER NOT NULL, revoked BOOLEAN NOT NULL, created_at TIMESTAMP NOT NULL)"
+                ))  # fmt: skip
+                await conn.execute(sa.text(
+                    "INSERT INTO dispatcher_tokens VALUES ('legacy', :h, 4, false, CURRENT_TIMESTAMP)"
+                ), {"h": "0" * 64})  # fmt: skip
+        finally:
+            await engine.dispose()
+
+    run_sync(create_old_table)
+    listing = run_cli(db, "list").stdout
+    assert listing.splitlines()[1].split() == ["legacy", "4", "-", "-", "-", "active"]
+    run_cli(db, "set-limits", "legacy", "--rpm", "60")
+    assert run_cli(db, "list").stdout.splitlines()[1].split()[2] == "60"
+
+
 # -- per-tenant cache salt -----------------------------------------------------------------------------
 
 
