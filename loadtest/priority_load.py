@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -293,6 +294,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     from tests.stack import Stack, free_port, wait_http
 
     cand = CANDIDATES[args.candidate]
+    if args.server_seqs or args.worker_slots:
+        cand = dataclasses.replace(
+            cand, server_seqs=args.server_seqs or cand.server_seqs, worker_slots=args.worker_slots or cand.worker_slots
+        )
     raise_fd_limit(10_000)
     env = {"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_LOG_LEVEL": "warning"}
     if args.candidate != "defaults":
@@ -305,7 +310,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         reference_model = stack.model + "-ref"
         try:
             stack.simulator_url = spawn_simulator(stack, stack.model, cand.server_seqs, cand.policy, args.decode_ms)
-            stack.start_worker(cand.worker_slots if args.candidate != "defaults" else 16)
+            stack.start_worker(cand.worker_slots)
             # An idle twin (own simulator and worker, same gateway and broker): its TTFT, measured while the
             # load runs, is what "unloaded" costs on a machine as busy as it is then.
             reference_sim = spawn_simulator(stack, reference_model, cand.server_seqs, cand.policy, args.decode_ms)
@@ -406,6 +411,8 @@ def table_rows(report: dict[str, object]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="defaults")
+    parser.add_argument("--server-seqs", type=int, help="override the simulator's --max-num-seqs (vLLM's limit)")
+    parser.add_argument("--worker-slots", type=int, help="override the worker's --max-concurrency")
     parser.add_argument("--decode-ms", type=float, default=25.0, help="the simulator's decode step")
     parser.add_argument("--max-tokens", type=int, default=32, help="mean answer length")
     parser.add_argument("--low-users", type=int, default=48, help="closed-loop low-priority users")
