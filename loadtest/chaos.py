@@ -2,11 +2,12 @@
 
     python -m loadtest.chaos [--seconds 40] [--clients 12]
 
-Starts a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py; quorum queues), a simulator,
-two workers and two gateways (tests/stack.py; run it from the repository root), sends streamed
-requests from ``--clients`` loops spread over the live gateways, and on a timeline:
+Starts a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py; quorum queues) behind one TCP
+proxy per node (tests/faults.py), a simulator, two workers and two gateways (tests/stack.py; run it
+from the repository root), sends streamed requests from ``--clients`` loops spread over the live
+gateways, and on a timeline spread over ``--seconds`` (the load goes on until the last fault is over):
 
-1. cuts a worker's broker connections (``rabbitmqctl close_connection``),
+1. cuts a worker's broker connections (TCP reset at the proxy: ``rabbitmqctl`` takes seconds to start),
 2. cuts a gateway's broker connections,
 3. stops the RabbitMQ node a worker consumes from (started again in the background),
 4. kills vLLM (the simulator) and starts it again on the same port,
@@ -43,14 +44,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.faults import (
-    StreamResult,
-    broker_connections,
-    close_broker_connections,
-    direct_stream,
-    judge,
-    local_ports,
-)
+from tests.faults import Link, StreamResult, TcpProxy, direct_stream, judge
 from tests.rabbit_cluster import RabbitCluster
 from tests.stack import Process, Stack, wait_http
 
@@ -81,6 +75,7 @@ class Tally:
 class Rig:
     cluster: RabbitCluster
     stack: Stack
+    proxies: list[TcpProxy]
     port: str = ""  # the simulator's
     workers: list[Process] = field(default_factory=list)
     gateways: list[Process] = field(default_factory=list)
@@ -95,8 +90,9 @@ class Rig:
         self.gateways.append(gateway)
         return gateway
 
-    def ctl_node(self) -> int:
-        return next(i for i, node in enumerate(self.cluster.nodes) if node.running)
+    def links(self, process: Process) -> list[tuple[int, list[Link]]]:
+        """The process's proxied broker connections, per node."""
+        return [(i, proxy.links_of(process.popen.pid)) for i, proxy in enumerate(self.proxies)]
 
 
 def body_for(stack: Stack, user: str) -> dict[str, object]:
@@ -159,32 +155,29 @@ async def one_request(
 
 
 async def client_loop(
-    http: httpx.AsyncClient, rig: Rig, reference: StreamResult, tally: Tally, until: float, hang_after: float
+    http: httpx.AsyncClient, rig: Rig, reference: StreamResult, tally: Tally, over: asyncio.Event, hang_after: float
 ) -> None:
-    while time.monotonic() < until:
+    while not over.is_set():
         done = len(tally.outcomes)
         await one_request(http, rig, reference, tally, hang_after)
         if tally.outcomes[done:] and tally.outcomes[-1].kind != "completed":
             await asyncio.sleep(0.2)  # a client backs off after an error, as a real one would
 
 
-def _ports_of(rig: Rig, process: Process) -> set[int]:
-    ports: set[int] = set()
-    for node in rig.cluster.nodes:
-        ports |= local_ports(process.popen.pid, node.port)
-    return ports
+def cut(rig: Rig, process: Process, what: str) -> str:
+    closed = sum(proxy.reset(links) for proxy, (_, links) in zip(rig.proxies, rig.links(process), strict=True))
+    return f"cut {what}'s {closed} broker connections"
 
 
-async def cut(rig: Rig, process: Process, log: list[str], started: float, what: str) -> None:
-    node = rig.cluster.nodes[rig.ctl_node()]
-    known = await asyncio.to_thread(broker_connections, node.ctl)
-    closed = await asyncio.to_thread(
-        close_broker_connections, _ports_of(rig, process), "chaos", ctl=node.ctl, known=known
-    )
-    log.append(f"{time.monotonic() - started:5.1f}s  cut {what}'s connections: {closed}")
+async def chaos(rig: Rig, seconds: float, log: list[str], over: asyncio.Event) -> None:
+    try:
+        await _timeline(rig, seconds, log)
+        await asyncio.sleep(3.0)  # a little load on the healed system
+    finally:
+        over.set()
 
 
-async def chaos(rig: Rig, seconds: float, log: list[str]) -> None:
+async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
     started = time.monotonic()
 
     async def at(share: float) -> None:
@@ -194,14 +187,12 @@ async def chaos(rig: Rig, seconds: float, log: list[str]) -> None:
         log.append(f"{time.monotonic() - started:5.1f}s  {text}")
 
     await at(0.12)
-    await cut(rig, rig.workers[0], log, started, "worker 1")
+    note(cut(rig, rig.workers[0], "worker 1"))
     await at(0.25)
-    await cut(rig, rig.gateways[0], log, started, "gateway 1")
+    note(cut(rig, rig.gateways[0], "gateway 1"))
     await at(0.38)
     # A node worker 2 is connected to.
-    victim = next(
-        (i for i, node in enumerate(rig.cluster.nodes) if local_ports(rig.workers[1].popen.pid, node.port)), 1
-    )
+    victim = next((i for i, links in rig.links(rig.workers[1]) if links), 1)
     await asyncio.to_thread(rig.cluster.stop, victim)
     note(f"stopped RabbitMQ node {victim}")
     restarting = asyncio.create_task(asyncio.to_thread(rig.cluster.start, victim))
@@ -264,9 +255,10 @@ def queued_and_lost(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) ->
 
 async def run(args: argparse.Namespace, tmp: Path) -> int:
     cluster = RabbitCluster(tmp)
+    proxies = [TcpProxy(node.port).open() for node in cluster.nodes]
     stack = Stack(
         tmp,
-        amqp_url=cluster.url,
+        amqp_url=",".join(f"amqp://guest:guest@127.0.0.1:{proxy.port}/" for proxy in proxies),
         env={
             "DISPATCHER_QUEUE_TYPE": "quorum",
             "DISPATCHER_IDLE_TIMEOUT": "5",
@@ -274,7 +266,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             "DISPATCHER_GATEWAY_WORKERS": "1",
         },
     )
-    rig = Rig(cluster, stack)
+    rig = Rig(cluster, stack, proxies)
     try:
         stack.start_simulator(max_num_seqs=32, decode_ms=5)
         rig.port = stack.simulator_url.rsplit(":", 1)[1]
@@ -289,9 +281,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         async with httpx.AsyncClient(timeout=httpx.Timeout(args.hang_after * 2), limits=limits) as http:
             reference = await direct_stream(http, stack, body_for(stack, "reference"))
             await http.post(stack.simulator_url + "/sim/reset")
-            until = time.monotonic() + args.seconds
-            loops = [client_loop(http, rig, reference, tally, until, args.hang_after) for _ in range(args.clients)]
-            await asyncio.gather(chaos(rig, args.seconds, log), *loops)
+            over = asyncio.Event()
+            loops = [client_loop(http, rig, reference, tally, over, args.hang_after) for _ in range(args.clients)]
+            await asyncio.gather(chaos(rig, args.seconds, log, over), *loops)
             await asyncio.sleep(2.0)  # let aborted copies show up in the simulator's log
             sim_log = (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
         nobody = generated_for_nobody(sim_log, tally, time.monotonic())
@@ -302,6 +294,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         for process in stack.processes:
             process.kill()
         cluster.close(discard=True)
+        for proxy in proxies:
+            proxy.close()
     print("\n".join(log))
     for reason, count in tally.errors.most_common(10):
         print(f"        {count:5d} x {reason}")
@@ -320,7 +314,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seconds", type=float, default=40.0, help="length of the load")
+    parser.add_argument("--seconds", type=float, default=40.0, help="the faults' timeline (the load lasts longer)")
     parser.add_argument("--clients", type=int, default=12, help="concurrent request loops")
     parser.add_argument("--hang-after", type=float, default=30.0, help="a request open this long has hung")
     args = parser.parse_args(argv)
