@@ -40,7 +40,7 @@ import httpx
 import msgspec
 
 from loadtest.load import raise_fd_limit
-from loadtest.sse_client import StreamingClient
+from loadtest.sse_client import StreamingClient, StreamResult
 
 if TYPE_CHECKING:
     from tests.stack import Stack
@@ -94,10 +94,22 @@ CANDIDATES: dict[str, Candidate] = {
 class Phase:
     """What the high class saw in the window with high traffic."""
 
-    high_ttfts: list[float] = field(default_factory=list)
+    high_results: dict[str, StreamResult] = field(default_factory=dict)  # filled in as the streams go
     high_sent_at: dict[str, float] = field(default_factory=dict)  # user name -> when sent (CLOCK_MONOTONIC)
     high_sent: int = 0
-    high_failed: int = 0
+
+    def ttfts(self, now: float) -> tuple[list[float], int, int]:
+        """TTFTs; a request without a first token by ``now`` counts with its wait so far (a lower bound).
+        Also returns how many had no first token (unserved) and how many of those failed."""
+        values, unserved, failed = [], 0, 0
+        for result in self.high_results.values():
+            if result.first_token_at is not None:
+                values.append(result.first_token_at - result.sent_at)
+            else:
+                unserved += 1
+                failed += result.finished_at is not None or bool(result.error)
+                values.append(now - result.sent_at)
+        return values, unserved, failed
 
 
 def body(model: str, max_tokens: int, user: str | None = None) -> bytes:
@@ -206,14 +218,11 @@ async def run_distribution(
     async def high_request(phase: Phase, name: str) -> None:
         client = StreamingClient(url, high_token)
         phase.high_sent_at[name] = time.monotonic()
+        result = phase.high_results[name] = StreamResult(time.perf_counter())
         try:
-            result = await client.post(body(model, lengths(distribution, args.max_tokens, rng), name), _ignore)
+            await client.post(body(model, lengths(distribution, args.max_tokens, rng), name), _ignore, result)
         finally:
             client.close()
-        if result.first_token_at is None or not result.ok:
-            phase.high_failed += 1
-        else:
-            phase.high_ttfts.append(result.first_token_at - result.sent_at)
 
     twin_ttfts: list[float] = []
 
@@ -252,7 +261,9 @@ async def run_distribution(
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
         steps.append(await engine_steps(sim_url))
         highs[0].cancel()
-        await asyncio.wait_for(asyncio.gather(*highs[1:]), timeout=30)
+        if highs[1:]:
+            await asyncio.wait(highs[1:], timeout=30)  # a grace period; what has no first token by then counts
+        high_end = time.perf_counter()
         log = await engine_log(sim_url)
     finally:
         stop.set()
@@ -267,7 +278,7 @@ async def run_distribution(
     steps_quiet, steps_busy = steps[1] - steps[0], steps[2] - steps[1]
     per_step_quiet = low_quiet * args.duration / max(1, steps_quiet)
     per_step_busy = low_busy * args.duration / max(1, steps_busy)
-    ttfts = busy.high_ttfts
+    ttfts, unserved, failed = busy.ttfts(high_end)
     result: dict[str, object] = {
         "distribution": distribution,
         "low_tokens_per_s_without_high": round(low_quiet, 1),
@@ -279,7 +290,8 @@ async def run_distribution(
         "step_ms_without_high": round(1000 * args.duration / max(1, steps_quiet), 1),
         "step_ms_with_high": round(1000 * args.duration / max(1, steps_busy), 1),
         "high_sent": busy.high_sent,
-        "high_failed": busy.high_failed,
+        "high_without_first_token": unserved,
+        "high_failed": failed,
     }
     result.update(split_waits(busy, log))
     if twin_ttfts:
