@@ -57,6 +57,7 @@ class Outcome:
     user: str
     gateway: Process
     kind: str  # completed | failed_cleanly | gateway_killed | duplicated | reordered | hung
+    sent_at: float
     ended_at: float
     accepted: bool  # the gateway answered 200 (the stream was committed)
     detail: str = ""
@@ -80,6 +81,10 @@ class Rig:
     workers: list[Process] = field(default_factory=list)
     gateways: list[Process] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)  # ids of gateways killed on purpose
+    faults: list[tuple[float, int]] = field(default_factory=list)  # (when, id of the process) cut or killed
+
+    def faulted(self, process: Process, since: float, until: float) -> bool:
+        return any(pid == id(process) and since <= t <= until for t, pid in self.faults)
 
     def live_gateways(self) -> list[Process]:
         return [g for g in self.gateways if g.alive()]
@@ -123,6 +128,7 @@ async def one_request(
     headers = {"Authorization": f"Bearer {rig.stack.token}"}
     url = gateway.url + "/v1/chat/completions"  # type: ignore[attr-defined]
     result = StreamResult(0)
+    sent_at = time.monotonic()
     raw = b""
     kind, detail = "", ""
     try:
@@ -149,7 +155,7 @@ async def one_request(
                 kind, detail = "reordered", f"{result.status} without an OpenAI error body"
         else:
             kind, detail = classify(result, reference)
-    tally.outcomes.append(Outcome(user, gateway, kind, ended_at, result.status == 200, detail))
+    tally.outcomes.append(Outcome(user, gateway, kind, sent_at, ended_at, result.status == 200, detail))
     if detail:
         tally.errors[f"{kind}: {detail}"] += 1
 
@@ -165,6 +171,7 @@ async def client_loop(
 
 
 def cut(rig: Rig, process: Process, what: str) -> str:
+    rig.faults.append((time.monotonic(), id(process)))
     closed = sum(proxy.reset(links) for proxy, (_, links) in zip(rig.proxies, rig.links(process), strict=True))
     return f"cut {what}'s {closed} broker connections"
 
@@ -208,6 +215,7 @@ async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
     await at(0.72)
     doomed = rig.gateways[-1]
     rig.killed.add(id(doomed))
+    rig.faults.append((time.monotonic(), id(doomed)))
     doomed.kill()
     note("killed gateway 2 (kill -9)")
     await asyncio.to_thread(rig.start_gateway)
@@ -241,16 +249,16 @@ def generated_for_nobody(sim_log: list[dict[str, object]], tally: Tally, now: fl
     return total
 
 
-def queued_and_lost(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) -> int:
+def queued_unserved(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) -> tuple[list[Outcome], int]:
+    """Streams accepted (200) that vLLM never started and that ended in an error or hung: those whose
+    gateway had no fault of its own while they waited were lost by the queue; the others were
+    failed by their gateway when it lost its broker connection or died (counted apart)."""
     started = {e["user"] for e in sim_log if e["event"] == "started"}
-    return sum(
-        1
-        for o in tally.outcomes
-        if o.kind in ("failed_cleanly", "hung")
-        and o.accepted
-        and o.user not in started
-        and id(o.gateway) not in rig.killed
-    )
+    unserved = [
+        o for o in tally.outcomes if o.kind in ("failed_cleanly", "hung") and o.accepted and o.user not in started
+    ]
+    lost = [o for o in unserved if not rig.faulted(o.gateway, o.sent_at, o.ended_at)]
+    return lost, len(unserved) - len(lost)
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> int:
@@ -287,7 +295,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             await asyncio.sleep(2.0)  # let aborted copies show up in the simulator's log
             sim_log = (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
         nobody = generated_for_nobody(sim_log, tally, time.monotonic())
-        lost = queued_and_lost(sim_log, tally, rig)
+        lost, failed_with_gateway = queued_unserved(sim_log, tally, rig)
+        hung = [o for o in tally.outcomes if o.kind == "hung"]
+        hung_events = {o.user: [e["event"] for e in sim_log if e["user"] == o.user] for o in hung}
         finished = collections.Counter(e["user"] for e in sim_log if e["event"] == "finished")
         twice = sum(1 for o in tally.outcomes if finished[o.user] > 1)
     finally:
@@ -307,8 +317,12 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     print(f"reordered:                {tally.count('reordered')}")
     print(f"hung:                     {tally.count('hung')}")
     print(f"generated for nobody:     {nobody:.1f} s")
-    print(f"queued and lost:          {lost}")
-    bad = tally.count("duplicated") + tally.count("reordered") + tally.count("hung") + lost + twice
+    print(f"queued and lost:          {len(lost)} (and {failed_with_gateway} queued ones failed with their gateway)")
+    for o in lost:
+        print(f"        lost: {o.user} after {o.ended_at - o.sent_at:.1f} s: {o.kind} {o.detail}")
+    for user, events in hung_events.items():
+        print(f"        hung: {user}, simulator events {events}")
+    bad = tally.count("duplicated") + tally.count("reordered") + tally.count("hung") + len(lost) + twice
     return 1 if bad else 0
 
 
