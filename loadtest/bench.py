@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         logs = args.logs or Path(tmp)
         for profile, cases in plans:
             results += run_profile(profile, cases, args, amqp_url, redis_url, logs)
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     from loadtest.report import subtract_broker_baseline, targets_text
 
     subtract_broker_baseline(results)

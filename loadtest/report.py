@@ -260,6 +260,22 @@ def _gateway_processes(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _busy_warning(env: dict[str, Any]) -> list[str]:
+    """A busy machine (other work than the benchmark's) makes latencies and ratios measure contention."""
+    loads = [*env.get("load_average", [])[:1], *env.get("load_average_end", [])[:1]]
+    cores = env.get("cores") or 1
+    if not loads or max(loads) <= cores:
+        return []
+    return [
+        f"**Caution: this run shared the machine with other work** (1-minute load average up to {max(loads):g} on "
+        f"{cores} cores, the benchmark's own processes included). Every hop waited for a core, so token rates, "
+        "ratios and latencies below measure that contention more than the stack; the CPU per request and per "
+        "token (each process's own CPU time) are the figures to compare, and they too run high when caches "
+        "and cores are shared. Re-run on an idle machine for the stack's own figures.",
+        "",
+    ]
+
+
 def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ttft_png = path.with_name(path.stem + "-ttft.png")
@@ -279,12 +295,14 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         "every figure below comes from that one run. Re-run it to reproduce; `dispatcher bench --quick` "
         "prints the 64-stream comparisons alone in about two minutes.",
         "",
+        *_busy_warning(env),
         "## Setup",
         "",
         f"- Machine: {env['cpu']}, **{env['cores']} cores**, {env['memory_gb']} GB RAM, Python {env['python']}. "
         "The simulator, RabbitMQ, Redis, the gateway, the worker and the load client all share these cores: "
         "that is the honest test, every hop costs CPU that the others then lack. "
-        f"Load average when the run started: {', '.join(map(str, env.get('load_average', [])))}.",
+        f"Load average when the run started: {', '.join(map(str, env.get('load_average', [])))}"
+        + (f"; when it ended: {', '.join(map(str, env['load_average_end']))}." if "load_average_end" in env else "."),
         "- Inference server: the vLLM simulator (`dispatcher simulate`), continuous batching. Two speeds, each "
         "with its own fresh processes:",
         "  - **high-rate**: a 10 ms decode step that does not slow down with the batch, so every stream gets "
