@@ -153,10 +153,21 @@ class Sent:
 
 
 def _served_by(rig: ClusterRig, request_id: str) -> Process | None:
+    """The worker that logged the end of the request's service (not the ones that only dropped a
+    redelivered or cancelled copy); None if no worker logged it."""
+    pattern = re.compile(rf"request done request_id={re.escape(request_id)} .*outcome=(?!cancelled)")
     for worker in rig.workers:
-        if request_id in worker.log():
+        if pattern.search(worker.log()):
             return worker
     return None
+
+
+def _free_slots(worker: Process) -> int:
+    try:
+        response = httpx.get(worker.url + "/ready", timeout=2)  # type: ignore[attr-defined]
+        return int(response.json()["free_slots"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return -1
 
 
 async def _phase(
@@ -195,23 +206,40 @@ async def _phase(
         await asyncio.sleep(0.5)
         log = await sim_log(http, stack)
 
-    counts = {"complete": 0, "error": 0, "unaffected": 0}
+    # Every finding of the phase at once: they tell more together than the first one alone.
+    problems: list[str] = []
+    counts = {"complete": 0, "error": 0, "unaffected": 0, "unattributed": 0}
     for s, result, reference in zip(sent, results, references, strict=True):
         assert isinstance(result, StreamResult)
-        verdict = judge(result, reference)
+        verdict = judge(result, reference)  # raises on a repeat, a splice, a reorder or no clear end
         counts[verdict] += 1
         worker = _served_by(rig, result.headers.get("x-request-id", "?"))
-        if worker is not None and id(worker) not in touched and id(s.gateway) not in touched:
+        if worker is None:
+            counts["unattributed"] += 1
+        elif id(worker) not in touched and id(s.gateway) not in touched:
             counts["unaffected"] += 1
-            assert verdict == "complete", f"{s.user} had nothing on the stopped node but ended with an error"
+            if verdict != "complete":
+                problems.append(f"{s.user} had nothing on the stopped node but ended with an error")
     finished = [e["user"] for e in log if e["event"] == "finished"]
     repeated = sorted({u for u in finished if finished.count(u) > 1})
-    assert repeated == [], f"generated to the end more than once: {repeated}"
-    statuses = [a.status_code for a in answers]  # type: ignore[union-attr]
-    assert statuses == [200] * len(answers), [a.text for a in answers if a.status_code != 200]  # type: ignore[union-attr]
+    if repeated:
+        problems.append(f"generated to the end more than once: {repeated}")
+    bad = [
+        f"{q.user}: {a.status_code} {a.text[:80]}" for q, a in zip(queued, answers, strict=True) if a.status_code != 200
+    ]  # type: ignore[union-attr]
+    if bad:
+        problems.append(f"queued requests not answered: {bad}")
+    # Nothing hangs inside the workers either: every slot comes back.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_free_slots(w) != SLOTS for w in rig.workers):  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    held = {w.name + str(i): _free_slots(w) for i, w in enumerate(rig.workers) if _free_slots(w) != SLOTS}
+    if held:
+        problems.append(f"worker slots still taken 5 s after the last stream ended (free slots: {held})")
     ended = max(r.ended_at for r in results) - stopped_at  # type: ignore[union-attr]
-    print(f"\n{tag}: node {stop} stopped; streams {counts}; queued {len(answers)}/{len(answers)} answered; "
-          f"last stream ended {ended:.1f} s after the stop")  # fmt: skip
+    print(f"\n{tag}: node {stop} stopped; streams {counts}; queued {len(answers) - len(bad)}/{len(answers)} "
+          f"answered; last stream ended {ended:.1f} s after the stop")  # fmt: skip
+    assert not problems, problems
     return counts
 
 
