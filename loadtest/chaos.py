@@ -82,6 +82,7 @@ class Rig:
     gateways: list[Process] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)  # ids of gateways killed on purpose
     faults: list[tuple[float, int]] = field(default_factory=list)  # (when, id of the process) cut or killed
+    sim_log: list[dict[str, object]] = field(default_factory=list)  # events of simulators killed on purpose
 
     def faulted(self, process: Process, since: float, until: float) -> bool:
         return any(pid == id(process) and since <= t <= until for t, pid in self.faults)
@@ -205,7 +206,10 @@ async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
     restarting = asyncio.create_task(asyncio.to_thread(rig.cluster.start, victim))
     await at(0.55)
     simulator = next(p for p in reversed(rig.stack.processes) if p.name == "simulator" and p.alive())
+    async with httpx.AsyncClient(timeout=10) as http:
+        stats = (await http.get(rig.stack.simulator_url + "/sim/stats")).json()
     simulator.kill()
+    rig.sim_log += stats["log"]  # the last events before the kill may be missing: the counts err on "lost"
     note("killed vLLM")
     await asyncio.sleep(1.0)
     rig.stack.spawn("simulator", "simulate", "--model", rig.stack.model, "--port", rig.port,
@@ -293,7 +297,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             loops = [client_loop(http, rig, reference, tally, over, args.hang_after) for _ in range(args.clients)]
             await asyncio.gather(chaos(rig, args.seconds, log, over), *loops)
             await asyncio.sleep(2.0)  # let aborted copies show up in the simulator's log
-            sim_log = (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
+            sim_log = rig.sim_log + (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
         nobody = generated_for_nobody(sim_log, tally, time.monotonic())
         lost, failed_with_gateway = queued_unserved(sim_log, tally, rig)
         hung = [o for o in tally.outcomes if o.kind == "hung"]
