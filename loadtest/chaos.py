@@ -273,6 +273,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         amqp_url=",".join(f"amqp://guest:guest@127.0.0.1:{proxy.port}/" for proxy in proxies),
         env={
             "DISPATCHER_QUEUE_TYPE": "quorum",
+            "DISPATCHER_PRIORITY_HEADROOM": "0",
             "DISPATCHER_IDLE_TIMEOUT": "5",
             "DISPATCHER_HEARTBEAT_INTERVAL": "1",
             "DISPATCHER_GATEWAY_WORKERS": "1",

@@ -117,6 +117,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRig]:
         amqp_url=cluster.url,
         env={
             "DISPATCHER_QUEUE_TYPE": "quorum",
+            "DISPATCHER_PRIORITY_HEADROOM": "0",  # one lane: a worker runs SLOTS normal requests at once
             "DISPATCHER_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
             "DISPATCHER_HEARTBEAT_INTERVAL": "0.5",
             "DISPATCHER_GATEWAY_WORKERS": "1",

@@ -109,6 +109,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             "DISPATCHER_HEARTBEAT_INTERVAL": "0.5",
             "DISPATCHER_VLLM_STALL_TIMEOUT": str(STALL_TIMEOUT),
             "DISPATCHER_GATEWAY_WORKERS": "1",  # one process: its broker connections are its own
+            "DISPATCHER_PRIORITY_HEADROOM": "0",  # one lane: a worker runs SLOTS requests at once
             "DISPATCHER_QUEUE_TIMEOUT": "30",
         },
     )
