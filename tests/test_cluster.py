@@ -154,9 +154,9 @@ class Sent:
 
 
 def _served_by(rig: ClusterRig, request_id: str) -> Process | None:
-    """The worker that logged the end of the request's service (not the ones that only dropped a
-    redelivered or cancelled copy); None if no worker logged it."""
-    pattern = re.compile(rf"request done request_id={re.escape(request_id)} .*outcome=(?!cancelled)")
+    """The worker that generated the request's answer: its "request done" line counts output tokens
+    (a worker that only dropped a redelivered copy logs none); None if no worker logged it."""
+    pattern = re.compile(rf"request done request_id={re.escape(request_id)} .*completion_tokens=([1-9]\d*)")
     for worker in rig.workers:
         if pattern.search(worker.log()):
             return worker
@@ -220,7 +220,8 @@ async def _phase(
         elif id(worker) not in touched and id(s.gateway) not in touched:
             counts["unaffected"] += 1
             if verdict != "complete":
-                problems.append(f"{s.user} had nothing on the stopped node but ended with an error")
+                error = result.errors[0]["message"] if result.errors else "?"
+                problems.append(f"{s.user} had nothing on the stopped node but ended with an error: {error}")
     finished = [e["user"] for e in log if e["event"] == "finished"]
     repeated = sorted({u for u in finished if finished.count(u) > 1})
     if repeated:
