@@ -70,6 +70,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         http_port=args.http_port,
         vllm_priority=args.vllm_priority,
         backend=args.backend,
+        priority_headroom=args.priority_headroom,
     )
     setup_logging(settings.log_level, settings.log_format)
     _run(serve(settings))
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=("vllm", "sglang", "llamacpp", "generic", "auto"),
         help="kind of inference server: its load metrics, health and priority (DISPATCHER_BACKEND, default vllm)",
+    )
+    p.add_argument(
+        "--priority-headroom",
+        help="slots of --max-concurrency kept for high priorities: N, or auto = a third (DISPATCHER_PRIORITY_HEADROOM)",
     )
     p.set_defaults(func=cmd_worker)
 

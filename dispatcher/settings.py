@@ -58,8 +58,8 @@ class CommonSettings:
     # overflow=reject-publish instead (the chart renders one), and can change it later.
     max_queue_length: int = field(default_factory=lambda: _env_int("MAX_QUEUE_LENGTH", 10_000))
     # Priorities at or above this go to the model's express queue, whose requests may also use the
-    # worker's reserved slots (11: off; priorities are 0..10). Gateways and workers must agree.
-    express_priority: int = field(default_factory=lambda: _env_int("EXPRESS_PRIORITY", 11))
+    # worker's headroom (11: off; priorities are 0..10). Gateways and workers must agree.
+    express_priority: int = field(default_factory=lambda: _env_int("EXPRESS_PRIORITY", 8))
     # classic (priorities 0-10; lost with its node) or quorum (replicated; on RabbitMQ 4.x two
     # priority classes: above 4 is high). Gateways and workers must agree.
     queue_type: str = field(default_factory=lambda: _env("QUEUE_TYPE", "classic"))
@@ -118,8 +118,13 @@ class WorkerSettings(CommonSettings):
     model: str = field(default_factory=lambda: _env("MODEL", ""))
     vllm_url: str = field(default_factory=lambda: _env("VLLM_URL", "http://127.0.0.1:8000/v1"))
     vllm_api_key: str = field(default_factory=lambda: _env("VLLM_API_KEY", "EMPTY"))
-    max_concurrency: int = field(default_factory=lambda: _env_int("MAX_CONCURRENCY", 16))
-    # Slots of max_concurrency that only express requests may use (capacity low priorities can't take).
+    # Requests the worker runs at once on its server (the server must run at least this many sequences).
+    max_concurrency: int = field(default_factory=lambda: _env_int("MAX_CONCURRENCY", 24))
+    # Of max_concurrency, the sequences kept for express (high) priorities: the normal lane runs at most
+    # max_concurrency - headroom, so a high request starts at once, inside the server's batch, instead of
+    # waiting for a slot to free. "auto": a third (24 -> 16 + 8); 0: one lane for all.
+    priority_headroom: str = field(default_factory=lambda: _env("PRIORITY_HEADROOM", "auto"))
+    # A hard reserve, the older name of the headroom: when set (> 0) it is the headroom.
     reserved_slots: int = field(default_factory=lambda: _env_int("RESERVED_SLOTS", 0))
     # Pass the token priority to vLLM (needs vLLM started with --scheduling-policy priority).
     vllm_priority: bool = field(default_factory=lambda: _env_bool("VLLM_PRIORITY", False))
@@ -142,3 +147,12 @@ class WorkerSettings(CommonSettings):
     # never share prefix-cache blocks (see docs/tenancy.md).
     cache_salt: bool = field(default_factory=lambda: _env_bool("CACHE_SALT", False))
     cache_salt_key: str = field(default_factory=lambda: _env("CACHE_SALT_KEY", ""))
+
+    @property
+    def headroom(self) -> int:
+        """Slots of max_concurrency only express requests may use (see ``priority_headroom``)."""
+        if self.reserved_slots > 0:
+            return min(self.reserved_slots, self.max_concurrency - 1)
+        value = self.priority_headroom.strip().lower()
+        headroom = self.max_concurrency // 3 if value in ("", "auto") else int(value)
+        return max(0, min(headroom, self.max_concurrency - 1))

@@ -261,7 +261,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--vllm-url", help="use this vLLM instead of starting the simulator")
     p.add_argument("--simulator-port", type=int, default=8000)
     p.add_argument("--worker-port", type=int, default=9090, help="the worker's /health, /ready, /metrics")
-    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=24, help="worker slots = simulator seqs (16+8)")
     p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds each component has to become ready")
     return p
 

@@ -189,7 +189,7 @@ async def test_streaming_with_each_database(db_gateway: Stack) -> None:
 async def test_high_priority_request_is_started_next(make_stack: type[Stack]) -> None:
     import asyncio
 
-    stack = make_stack()
+    stack = make_stack(env={"DISPATCHER_EXPRESS_PRIORITY": "11"})  # one queue: its priority order
     stack.start_simulator(max_num_seqs=1, decode_ms=5)
     stack.start_worker(max_concurrency=1)
     stack.start_gateway()

@@ -424,20 +424,8 @@ def expected_models(case: str) -> list[dict[str, Any]]:
     return [{"name": v["model"]}] if v["model"] else []
 
 
-# Settings of the contract that dispatcher/settings.py may not read yet (added by other work in progress);
-# remove a name from here once settings.py has it.
-PENDING_SETTINGS = frozenset(
-    {
-        "DISPATCHER_QUEUE_TYPE",
-        "DISPATCHER_MODELS",
-        "DISPATCHER_METRICS_PORT",
-        "DISPATCHER_GATEWAY_WORKERS",
-        "DISPATCHER_BACKEND",
-        "DISPATCHER_CACHE_SALT",
-        "DISPATCHER_CACHE_SALT_KEY",
-        "DISPATCHER_PRIORITY_HEADROOM",
-    }
-)
+# Names the chart may set before dispatcher/settings.py reads them (none now: every one is read).
+PENDING_SETTINGS: frozenset[str] = frozenset()
 
 
 @cache
@@ -896,7 +884,7 @@ def test_model_settings_reach_vllm_and_worker(rendered) -> None:
     assert "--scheduling-policy" not in args
     assert env_map(container(qwen, "worker"))["DISPATCHER_VLLM_PRIORITY"] == "false"
     assert container(qwen, "vllm")["resources"] == {"limits": {"nvidia.com/gpu": 2}}
-    assert env_map(container(qwen, "worker"))["DISPATCHER_MAX_CONCURRENCY"] == "16"
+    assert env_map(container(qwen, "worker"))["DISPATCHER_MAX_CONCURRENCY"] == "24"  # the default: 16 + 8 headroom
 
     # A model's false wins over a default true; other fields keep their defaults.
     docs = rendered["per-model-overrides"]
@@ -1668,7 +1656,7 @@ def test_worker_priority_backend_and_cache_salt(rendered) -> None:
     for env in worker_envs(rendered["one-model-postgresql-ingress"]).values():
         assert env["DISPATCHER_PRIORITY_HEADROOM"] == "auto" and env["DISPATCHER_BACKEND"] == "vllm"
         assert env["DISPATCHER_CACHE_SALT"] == "false" and "DISPATCHER_CACHE_SALT_KEY" not in env
-        assert env["DISPATCHER_RESERVED_SLOTS"] == "0" and env["DISPATCHER_EXPRESS_PRIORITY"] == "11"
+        assert env["DISPATCHER_RESERVED_SLOTS"] == "0" and env["DISPATCHER_EXPRESS_PRIORITY"] == "8"
     docs = rendered["topology-operator-quorum"]
     secret = one(docs, "Secret", f"{FULLNAME}-cache-salt")
     assert re.fullmatch(r"[A-Za-z0-9]{32}", base64.b64decode(secret["data"]["cache-salt-key"]).decode())

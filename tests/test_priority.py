@@ -143,14 +143,15 @@ async def _sim_log(stack: Stack) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("headroom", [2, 0])
+@pytest.mark.parametrize("headroom", [2, 0], ids=["default-headroom", "no-headroom"])
 async def test_high_request_starts_without_waiting_for_a_slot(make_stack: type[Stack], headroom: int) -> None:
-    """A full low backlog; then a high request. With headroom it starts while every low request still runs
-    (no slot had to free); without, it waits for a low request to end.
+    """A full low backlog; then a high request. With the default settings (6 slots: a headroom of 2 for
+    priorities from 8 on) it starts while every low request still runs (no slot had to free); without
+    headroom, it waits for a low request to end.
     """
     env = {"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0"}
-    if headroom:
-        env.update(DISPATCHER_EXPRESS_PRIORITY="9", DISPATCHER_RESERVED_SLOTS=str(headroom))
+    if not headroom:
+        env.update(DISPATCHER_PRIORITY_HEADROOM="0")
     stack = make_stack(env=env)
     normal_lane = 4
     stack.start_simulator(max_num_seqs=normal_lane + headroom, decode_ms=10)

@@ -86,3 +86,37 @@ async def test_a_queue_declared_with_other_arguments_is_used_with_a_clear_error(
         assert worker.log().count("setting up the broker connection failed") == 0
     finally:
         stack.close()
+
+
+async def test_a_full_low_backlog_does_not_lock_out_high_priorities(tmp_path: Path) -> None:
+    """The normal queue is full (429 for low priorities); a high priority is still admitted: it goes to
+    the express queue, and starts in the worker's headroom at once (default settings otherwise)."""
+    stack = Stack(tmp_path, env={"DISPATCHER_MAX_QUEUE_LENGTH": "2", "DISPATCHER_MAX_QUEUED_PER_TOKEN": "0"})
+    try:
+        stack.start_simulator(max_num_seqs=3)
+        stack.start_worker(3)  # auto headroom: 1 slot of 3
+        stack.start_gateway()
+        low, high = stack.add_token("backlog-low", priority=1), stack.add_token("backlog-high", priority=9)
+        async with httpx.AsyncClient(timeout=60) as http:
+            def ask(user: str) -> asyncio.Task[object]:
+                return asyncio.create_task(read_stream(http, stack, chat(user, 400, model=stack.model), low))
+
+            lows = [ask("low-0")]
+            for i in range(1, 4):  # two run, two wait in the full queue
+                await asyncio.sleep(0.3)
+                lows.append(ask(f"low-{i}"))
+            await asyncio.sleep(0.5)
+            refused = await http.post(
+                stack.gateway_url + "/v1/chat/completions",
+                json=chat("low-refused", 5, model=stack.model, stream=False),
+                headers={"Authorization": f"Bearer {low}"},
+            )
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            urgent = await read_stream(http, stack, chat("urgent", 5, model=stack.model), high)
+            assert urgent.status == 200 and not urgent.errors and urgent.events[-1] == b"data: [DONE]"
+            assert not any(task.done() for task in lows)  # it did not wait for a low request to end
+            for task in lows:
+                task.cancel()
+            await asyncio.gather(*lows, return_exceptions=True)
+    finally:
+        stack.close()

@@ -7,8 +7,9 @@ else waits in RabbitMQ, where priority order holds. A consumer's prefetch is fix
 created, so when the room grows beyond what the consumer can still take (after a pause, or when
 the other lane freed slots) it is replaced by one with the new room.
 
-Two lanes: the normal queue (at most ``max_concurrency - reserved_slots`` running) and the express
-queue (any free slot). While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
+Two lanes: the normal queue (at most ``max_concurrency - headroom`` running) and the express queue
+(any free slot): the headroom is room inside the server's batch that a high priority never waits
+for. While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
 
 This runs on its own AMQP connection: a broker memory alarm blocks publishing connections, and
 must not block our acks.
@@ -94,7 +95,7 @@ class Consumer:
             for lane in (False, True)
         ]
         queues = [await channel.get_queue(name, ensure=False) for name in names]
-        normal_cap = max(1, self.settings.max_concurrency - self.settings.reserved_slots)
+        normal_cap = self.settings.max_concurrency - self.settings.headroom
         control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
         control_queue = await channel.declare_queue(exclusive=True, auto_delete=True)  # exclusive: 4.x allows
         await control_queue.bind(control)
