@@ -46,7 +46,7 @@ import httpx
 
 from tests.faults import Link, StreamResult, TcpProxy, direct_stream, judge
 from tests.rabbit_cluster import RabbitCluster
-from tests.stack import Process, Stack, wait_http
+from tests.stack import Process, Stack, free_port, wait_http
 
 MAX_TOKENS = 40
 SEED = 5
@@ -91,8 +91,11 @@ class Rig:
         return [g for g in self.gateways if g.alive()]
 
     def start_gateway(self) -> Process:
-        gateway = self.stack.start_gateway()
-        gateway.url = self.stack.gateway_url  # type: ignore[attr-defined]
+        """Like Stack.start_gateway, with more time to start: a loaded box under chaos is slow."""
+        port = free_port()
+        gateway = self.stack.spawn("gateway", "gateway", "--port", str(port))
+        gateway.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        wait_http(gateway.url + "/ready", timeout=90)  # type: ignore[attr-defined]
         self.gateways.append(gateway)
         return gateway
 
@@ -286,8 +289,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         boot = cluster.start()
         print(f"cluster booted in {boot:.1f} s")
         rig.workers = [stack.start_worker(8), stack.start_worker(8)]
-        rig.start_gateway()
-        rig.start_gateway()
+        for _ in range(2):
+            stack.gateway_url = rig.start_gateway().url  # type: ignore[attr-defined]
+            stack.wait_model()
         stack.token = stack.add_token("chaos", priority=5)
         tally, log = Tally(), []
         limits = httpx.Limits(max_connections=args.clients + 4)
