@@ -360,7 +360,9 @@ def test_up_stops_every_child_on_sigterm_and_ctrl_c(tmp_path: Path, up_runs: lis
     assert up.up.wait(90), up.output[-3000:]
     children = psutil.Process(up.popen.pid).children(recursive=True)
     assert len(children) >= 3  # simulator, gateway, worker
-    for port in (up.ports["port"], up.ports["metrics-port"], up.ports["worker-port"], up.ports["simulator-port"]):
+    api = f"http://127.0.0.1:{up.ports['port']}"
+    assert http_get(api + "/health")[0] == 200 and http_get(api + "/metrics")[0] == 404  # metrics kept off it
+    for port in (up.ports["metrics-port"], up.ports["worker-port"], up.ports["simulator-port"]):
         assert http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200, port
     if how == "SIGTERM":
         up.popen.send_signal(signal.SIGTERM)
