@@ -181,12 +181,6 @@ class WorkerMetrics:
             ["model"],
             registry=registry,
         )
-        self.usage_records = Counter(
-            "dispatcher_usage_records",
-            "Usage ledger records: sent to the stream, or dropped (stream unreachable, buffer full).",
-            ["result"],
-            registry=registry,
-        )
 
 
 @functools.cache

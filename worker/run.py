@@ -25,11 +25,23 @@ async def serve(settings: WorkerSettings) -> None:
         create_app(worker), host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="off"
     )
     server = EmbeddedServer(config)
-    http = asyncio.create_task(server.serve())
+    http = asyncio.create_task(_serve_http(server))
+    await asyncio.sleep(0)  # let uvicorn try to bind before anything else starts
     await worker.start()
+    http.add_done_callback(lambda _: stop.set())  # uvicorn gave up (port taken): stop as well
     await stop.wait()
+    if http.done() and not server.should_exit:
+        await worker.stop()
+        raise SystemExit(f"the worker's port {settings.http_host}:{settings.http_port} is not available")
     log.info("stopping: finishing %d running requests (up to %.0fs)", len(worker.jobs), settings.shutdown_grace)
     await worker.drain(settings.shutdown_grace)
     await worker.stop()
     server.should_exit = True
     await http
+
+
+async def _serve_http(server: uvicorn.Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits the process when it cannot bind: we stop in order instead
+        log.error("cannot listen on %s:%d (in use?)", server.config.host, server.config.port)
