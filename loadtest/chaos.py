@@ -83,6 +83,7 @@ class Rig:
     killed: set[int] = field(default_factory=set)  # ids of gateways killed on purpose
     faults: list[tuple[float, int]] = field(default_factory=list)  # (when, id of the process) cut or killed
     sim_log: list[dict[str, object]] = field(default_factory=list)  # events of simulators killed on purpose
+    t0: float = 0.0  # the start of the timeline
 
     def faulted(self, process: Process, since: float, until: float) -> bool:
         return any(pid == id(process) and since <= t <= until for t, pid in self.faults)
@@ -189,7 +190,7 @@ async def chaos(rig: Rig, seconds: float, log: list[str], over: asyncio.Event) -
 
 
 async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
-    started = time.monotonic()
+    started = rig.t0 = time.monotonic()
 
     async def at(share: float) -> None:
         await asyncio.sleep(max(0.0, started + share * seconds - time.monotonic()))
@@ -212,7 +213,11 @@ async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         stats = (await http.get(rig.stack.simulator_url + "/sim/stats")).json()
     simulator.kill()
-    rig.sim_log += stats["log"]  # the last events before the kill may be missing: the counts err on "lost"
+    killed_at = time.monotonic()
+    # Generation in flight there stopped with the process (its log has no end for it).
+    rig.sim_log += [
+        {**entry, "killed_at": killed_at} for entry in stats["log"]
+    ]  # the last events before the kill may be missing: the counts err on "lost"
     note("killed vLLM")
     await asyncio.sleep(1.0)
     rig.stack.spawn("simulator", "simulate", "--model", rig.stack.model, "--port", rig.port,
@@ -231,9 +236,12 @@ async def _timeline(rig: Rig, seconds: float, log: list[str]) -> None:
     note(f"RabbitMQ node {victim} back")
 
 
-def generated_for_nobody(sim_log: list[dict[str, object]], tally: Tally, now: float) -> float:
+def generated_for_nobody(
+    sim_log: list[dict[str, object]], tally: Tally, now: float
+) -> tuple[float, list[tuple[float, str, str]]]:
     """Seconds of generation nobody received: copies other than the delivered one, from the moment
-    their client had its answer (or error, or broken connection); still running ones up to ``now``."""
+    their client had its answer (or error, or broken connection); still running ones up to ``now``
+    (or up to the kill of their simulator). Also the largest contributions (seconds, user, outcome)."""
     by_user: dict[str, dict[str, list[dict[str, object]]]] = collections.defaultdict(
         lambda: collections.defaultdict(list)
     )
@@ -241,6 +249,7 @@ def generated_for_nobody(sim_log: list[dict[str, object]], tally: Tally, now: fl
         if entry["event"] in ("started", "finished", "aborted"):
             by_user[str(entry["user"])][str(entry["request_id"])].append(entry)
     total = 0.0
+    parts: list[tuple[float, str, str]] = []
     for outcome in tally.outcomes:
         copies = by_user.get(outcome.user, {})
         delivered = None
@@ -251,9 +260,12 @@ def generated_for_nobody(sim_log: list[dict[str, object]], tally: Tally, now: fl
             if rid == delivered or events[0]["event"] != "started":
                 continue
             start = max(float(events[0]["t"]), outcome.ended_at)  # type: ignore[arg-type]
-            end = float(events[-1]["t"]) if events[-1]["event"] != "started" else now  # type: ignore[arg-type]
-            total += max(0.0, end - start)
-    return total
+            last = events[-1]
+            end = float(last["t"] if last["event"] != "started" else last.get("killed_at", now))  # type: ignore[arg-type]
+            if end > start:
+                total += end - start
+                parts.append((end - start, outcome.user, outcome.kind))
+    return total, sorted(parts, reverse=True)[:5]
 
 
 def queued_unserved(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) -> tuple[list[Outcome], int]:
@@ -303,7 +315,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             await asyncio.gather(chaos(rig, args.seconds, log, over), *loops)
             await asyncio.sleep(2.0)  # let aborted copies show up in the simulator's log
             sim_log = rig.sim_log + (await http.get(stack.simulator_url + "/sim/stats")).json()["log"]
-        nobody = generated_for_nobody(sim_log, tally, time.monotonic())
+        nobody, nobody_parts = generated_for_nobody(sim_log, tally, time.monotonic())
         lost, failed_with_gateway = queued_unserved(sim_log, tally, rig)
         hung = [o for o in tally.outcomes if o.kind == "hung"]
         hung_events = {o.user: [e["event"] for e in sim_log if e["user"] == o.user] for o in hung}
@@ -326,9 +338,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     print(f"reordered:                {tally.count('reordered')}")
     print(f"hung:                     {tally.count('hung')}")
     print(f"generated for nobody:     {nobody:.1f} s")
+    for seconds, user, kind in nobody_parts:
+        print(f"        {seconds:5.1f} s for {user} ({kind})")
     print(f"queued and lost:          {len(lost)} (and {failed_with_gateway} queued ones failed with their gateway)")
     for o in lost:
-        print(f"        lost: {o.user} after {o.ended_at - o.sent_at:.1f} s: {o.kind} {o.detail}")
+        which = rig.gateways.index(o.gateway) + 1
+        print(f"        lost: {o.user} sent at {o.sent_at - rig.t0:.1f}s to gateway {which}, "
+              f"ended {o.ended_at - o.sent_at:.1f} s later: {o.kind} {o.detail}")  # fmt: skip
     for user, events in hung_events.items():
         print(f"        hung: {user}, simulator events {events}")
     bad = tally.count("duplicated") + tally.count("reordered") + tally.count("hung") + len(lost) + twice
