@@ -177,8 +177,9 @@ def plan(args: argparse.Namespace) -> list[tuple[Profile, list[Case]]]:
     timing = {"warmup": args.warmup, "duration": args.duration}
     high = [case for c in args.concurrency for case in _pair(HIGH, "sweep", c, args.max_tokens, **timing)]
     if args.long_tokens:
-        # 512 tokens at 100 tokens/s: about 5 s per answer, so a longer window.
-        high += _pair(HIGH, "long", 64, args.long_tokens, warmup=6, duration=max(args.duration, 15))
+        # 512 tokens at 100 tokens/s: about 5 s per answer. Two answers per user, the whole run measured (a
+        # time window would see few answers start, so no TTFT).
+        high += _pair(HIGH, "long", 64, args.long_tokens, warmup=0, duration=0, ramp=1.0, requests_per_user=2)
     plans = [(HIGH, high)]
     if args.gateway_workers > 1:
         two = Profile(HIGH_2GW.name, HIGH.decode_ms, HIGH.decode_ms_per_seq, args.gateway_workers)

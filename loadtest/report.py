@@ -150,7 +150,8 @@ def target_rows(results: list[Result]) -> list[tuple[str, str, bool]]:
 def _targets(results: list[Result]) -> str:
     lines = ["| target (high-rate: 100 tokens/s per stream) | measured | |", "|---|---|---|"]
     for name, measured, ok in target_rows(results):
-        lines.append(f"| {name} | {measured} | {'met' if ok else '**missed**'} |")
+        verdict = "not measured" if "nan" in measured else "met" if ok else "**missed**"
+        lines.append(f"| {name} | {measured} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -184,7 +185,9 @@ def targets_text(results: list[Result]) -> str:
     if targets:
         out += ["", "targets:"]
         width = max(len(t[0]) for t in targets)
-        out += [f"  {name.ljust(width)}  {measured:>12}  {'met' if ok else 'MISSED'}" for name, measured, ok in targets]
+        for name, measured, ok in targets:
+            verdict = "not measured" if "nan" in measured else "met" if ok else "MISSED"
+            out.append(f"  {name.ljust(width)}  {measured:>12}  {verdict}")
     return "\n".join(out)
 
 
