@@ -14,7 +14,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -227,21 +227,19 @@ async def test_more_streams_than_slots_all_complete(llama: Stack) -> None:
     assert max(running_seen, default=0) == SLOTS  # the server ran its slots full, never more
 
 
-WIRING = "until the worker reads its load through Backend.probe() (it still reads vllm:* names only)"
-
-
-@pytest.mark.xfail(reason=WIRING, strict=False)
 async def test_worker_sees_llamas_own_load(llama: Stack) -> None:
     """While streams run, the worker's load gauges show llama-server's requests_processing."""
     headers = {"Authorization": f"Bearer {llama.token}"}
     worker_url = llama.worker.url  # type: ignore[attr-defined]
-    body = chat(llama, "Write a long story about a fox.", 300, stream=True)
+    body = chat(llama, "Write a long story about a fox.", 300, stream=True, ignore_eos=True)
+    readers: list[AsyncIterator[bytes]] = []  # held: a dropped byte iterator closes its response (a cancel)
     async with httpx.AsyncClient(timeout=60) as http, contextlib.AsyncExitStack() as streams:
         for _ in range(SLOTS):
             response = await streams.enter_async_context(
                 http.stream("POST", llama.gateway_url + "/v1/chat/completions", json=body, headers=headers)
             )
-            await anext(response.aiter_bytes())
+            readers.append(response.aiter_bytes())
+            await anext(readers[-1])
         seen = 0.0
         deadline = time.monotonic() + 5
         while seen != SLOTS and time.monotonic() < deadline:
@@ -250,17 +248,21 @@ async def test_worker_sees_llamas_own_load(llama: Stack) -> None:
             seen = float(found.group(1)) if found else 0.0
             await asyncio.sleep(0.1)
         assert seen == SLOTS
+        load = await llama_gauges(llama)
+        assert load is not None and load.running == SLOTS  # the server's own count, as the worker saw it
 
 
 async def test_disconnect_frees_the_servers_slot(llama: Stack) -> None:
     backend = LlamaCppBackend(llama.simulator_url)
     headers = {"Authorization": f"Bearer {llama.token}"}
-    body = chat(llama, "Write a very long story about a fox.", 3000, stream=True)
+    # ignore_eos: it would run for minutes (3,000 tokens at under 50 tokens/s) unless it is aborted.
+    body = chat(llama, "Write a very long story about a fox.", 3000, stream=True, ignore_eos=True)
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             async with http.stream("POST", llama.gateway_url + "/v1/chat/completions", json=body, headers=headers) as r:
                 assert r.status_code == 200
-                await anext(r.aiter_bytes())
+                reader = r.aiter_bytes()  # held: a dropped byte iterator would close the response itself
+                await anext(reader)
                 load = await wait_load(backend, lambda load: load is not None and load.running == 1)
                 assert load is not None and load.running == 1
             # The client left: gateway -> Cancel -> worker closes its connection -> llama-server stops generating.
