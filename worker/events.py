@@ -82,7 +82,7 @@ def _data(event: bytes) -> bytes | None:
     """The data field of one SSE event (its ``data:`` lines joined by newlines), or None if it has none."""
     if event.startswith(b"data: "):
         end = event.find(b"\n")
-        if end < 0 or not event[end:].strip():
+        if end < 0 or end >= len(event) - 2:
             return event[6:]  # the usual shape, one data line (msgspec ignores the trailing blank line)
     lines: list[bytes] = []
     for line in event.splitlines():
