@@ -273,8 +273,12 @@ def queued_unserved(sim_log: list[dict[str, object]], tally: Tally, rig: Rig) ->
     gateway had no fault of its own while they waited were lost by the queue; the others were
     failed by their gateway when it lost its broker connection or died (counted apart)."""
     started = {e["user"] for e in sim_log if e["event"] == "started"}
+    # "... mid-answer/mid-stream" errors say output had begun: vLLM started those, even when its log was
+    # read a moment before it was killed and misses them.
     unserved = [
-        o for o in tally.outcomes if o.kind in ("failed_cleanly", "hung") and o.accepted and o.user not in started
+        o
+        for o in tally.outcomes
+        if o.kind in ("failed_cleanly", "hung") and o.accepted and o.user not in started and "mid-" not in o.detail
     ]
     lost = [o for o in unserved if not rig.faulted(o.gateway, o.sent_at, o.ended_at)]
     return lost, len(unserved) - len(lost)
