@@ -317,14 +317,16 @@ async def queue_exists(amqp_url: str, name: str) -> bool:
 
 
 async def test_worker_waits_for_a_loading_server(llama: Stack) -> None:
-    """Requests queued while the server is down, then loading, are served once it is ready; none fails."""
+    """Requests queued while the server is down, then loading, are served once it is ready; none fails.
+
+    The worker runs with --backend auto: it finds out it is beside llama-server once that answers."""
     model = llama.model + "-late"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     worker_port = free_port()
     llama.spawn(
         "worker",
-        "worker", "--model", model, "--vllm-url", url + "/v1", "--backend", "llamacpp",
+        "worker", "--model", model, "--vllm-url", url + "/v1", "--backend", "auto",
         "--max-concurrency", "2", "--http-port", str(worker_port),
     )  # fmt: skip
     try:
