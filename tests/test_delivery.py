@@ -274,6 +274,33 @@ async def test_gateway_connection_cut_mid_stream_aborts_vllm(rig: Rig) -> None:
         await answered_after(http, stack, rig.token, user + "-after")
 
 
+async def test_requests_right_after_a_gateway_reconnect_are_served(rig: Rig) -> None:
+    """The gateway's links reset: the requests it accepts as soon as it has reconnected are served
+    (or refused at once), never left waiting for a worker that ignores the new gateway."""
+    stack, gateway = rig.stack, rig.gateways[0]
+    old = rig.gateway_proxy.links_of(gateway.popen.pid)
+    assert rig.gateway_proxy.reset(old) >= 1
+
+    def reconnected() -> bool:
+        links = rig.gateway_proxy.links_of(gateway.popen.pid)
+        return len(links) >= len(old) and not set(map(id, links)) & set(map(id, old))
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await until(reconnected, 20, "the gateway reconnected")
+        bodies = [seeded(f"reconnect-{i}", 5, model=stack.model, stream=False) for i in range(3)]
+        started = time.monotonic()
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(post(http, stack, body, rig.token) for body in bodies)), HANG_AFTER
+        )
+    print(f"\nright after the gateway reconnected: {[a.status_code for a in answers]} "
+          f"in {time.monotonic() - started:.2f} s")  # fmt: skip
+    for answer in answers:
+        assert answer.status_code in (200, 503), answer.text  # 503: refused at once, with a clear error
+        if answer.status_code == 503:
+            assert answer.json()["error"]["message"]
+    assert any(a.status_code == 200 for a in answers), [a.text for a in answers]
+
+
 async def test_worker_link_stalled_mid_stream(rig: Rig) -> None:
     """A black-holed worker link (no RST, no FIN): the client gets an error within the idle timeout,
     and the worker, which no longer hears the gateway, stops generating."""
