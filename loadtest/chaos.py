@@ -362,7 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="the faults' timeline (the load lasts longer)")
     parser.add_argument("--clients", type=int, default=12, help="concurrent request loops")
     parser.add_argument("--hang-after", type=float, default=30.0, help="a request open this long has hung")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep the processes' logs there")
     args = parser.parse_args(argv)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        sys.exit(asyncio.run(run(args, args.keep)))
     with tempfile.TemporaryDirectory(prefix="dispatcher-chaos-") as tmp:
         sys.exit(asyncio.run(run(args, Path(tmp))))
 
