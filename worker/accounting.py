@@ -11,14 +11,10 @@ from dispatcher.usage import UsageRecord
 if TYPE_CHECKING:
     from prometheus_client import Histogram
 
-    from worker.job import Job, Usage
+    from worker.events import EventInfo, Usage
+    from worker.job import Job
     from worker.main import Worker
     from worker.usage import UsageLedger
-
-_ROLE = b'"delta":{"role":'  # vLLM's first chat chunk: sent with the first token, carries none
-_USAGE_ONLY = b'"choices":[]'
-_DONE = b"data: [DONE]"
-
 
 class TokenClock:
     """Time to first token and inter-token latency of one streamed answer, event by event.
@@ -34,11 +30,12 @@ class TokenClock:
         self.first_at: float | None = None
         self.last_token_at: float | None = None
 
-    def event(self, event: bytes) -> None:
+    def event(self, info: EventInfo) -> None:
+        """One event, as ``worker.events.inspect`` parsed it."""
         now = time.monotonic()
         if self.first_at is None:
             self.first_at = now
-        if _DONE in event or _USAGE_ONLY in event or _ROLE in event:
+        if not info.tokens:  # a role chunk, the usage chunk, [DONE]
             return
         if self.last_token_at is not None:
             self._itl.observe(now - self.last_token_at)

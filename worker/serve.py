@@ -117,8 +117,8 @@ class JobRunner:
                     if stream:
                         async for event in sse_events(upstream):
                             job.last_upstream_at = time.monotonic()
-                            clock.event(event)
                             info = events.inspect(event)  # decide on parsed JSON; forward the bytes
+                            clock.event(info)
                             if info.usage is not None:
                                 usage = info.usage
                                 if info.usage_only and not wants_usage:
