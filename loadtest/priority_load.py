@@ -317,8 +317,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             DISPATCHER_RESERVED_SLOTS=str(cand.reserved), DISPATCHER_VLLM_PRIORITY=str(cand.vllm_priority).lower()
         )
         env.update(DISPATCHER_EXPRESS_PRIORITY=str(args.high_priority if cand.reserved else 11))
+    if args.log_dir:
+        env["DISPATCHER_LOG_LEVEL"] = "info"
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp), env=env)
+        stack = Stack(Path(args.log_dir or tmp), env=env)
         reference_model = stack.model + "-ref"
         try:
             stack.simulator_url = spawn_simulator(stack, stack.model, cand.server_seqs, cand.policy, args.decode_ms)
@@ -437,6 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unloaded-requests", type=int, default=22)
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--table", action="store_true", help="also print Markdown table rows")
+    parser.add_argument("--log-dir", help="keep the processes' logs (at info level) in this directory")
     return parser.parse_args(argv)
 
 
