@@ -138,7 +138,7 @@ def supervise(settings: GatewaySettings) -> int:
 
 
 def _serve_metrics(settings: GatewaySettings, metrics_dir: str) -> Any:
-    if not settings.metrics_port:
+    if settings.metrics_port <= 0:  # 0: each child answers /metrics on the API port; negative: none at all
         return None
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
