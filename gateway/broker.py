@@ -16,6 +16,7 @@ Frames are demultiplexed by request id into ``Inbox``es (``dispatcher.delivery``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -108,6 +109,7 @@ class GatewayBroker:
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._beat = asyncio.Event()  # set: send a heartbeat now
 
     @property
     def ready(self) -> bool:
@@ -141,6 +143,7 @@ class GatewayBroker:
                 await declare_model_queue(connection, queue_name(model, express=express), arguments)
         self._channel = channel
         self.incarnation = f"{self.name}.{self.replies.connections_made + 1}"
+        self._beat.set()  # workers hear of the new incarnation at once, before its first request
 
     def _replies_lost(self) -> None:
         self._channel = None
@@ -270,7 +273,9 @@ class GatewayBroker:
                 await self._publish_control(GatewayGone(self._gone.pop(0)))
             if self.incarnation and self._channel is not None:
                 await self._publish_control(GatewayAlive(self.incarnation, unix_ms(time.time())))
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self._beat.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), HEARTBEAT_INTERVAL)
 
     async def _sweep(self) -> None:
         """End requests whose relay stopped reading (a client gone in a way nobody noticed)."""

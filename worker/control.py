@@ -73,14 +73,17 @@ class GatewayWatch:
             return "gone"
         if gateway in self._seen:
             return "alive"
-        since = self._listening_since
-        if since is not None and time.monotonic() - since > self.timeout:
-            return "gone"  # it vanished before we started listening
         return "unknown"
 
     async def settle(self, gateway: str) -> Status:
-        """The gateway's status once known (at most ``timeout`` after we started listening)."""
-        while (status := self.status(gateway)) == "unknown":  # noqa: ASYNC110 (a deadline, not an event)
+        """The gateway's status once known. One we never heard of may be new (its first heartbeat
+        still on its way, or its control link reconnecting after a failover): it gets a full
+        ``timeout`` of listening to show up before its request counts as orphaned."""
+        started = time.monotonic()
+        while (status := self.status(gateway)) == "unknown":
+            since = self._listening_since
+            if since is not None and time.monotonic() - max(since, started) > self.timeout:
+                return "gone"  # it vanished before we could hear it
             await asyncio.sleep(self.timeout / 8)
         return status
 
