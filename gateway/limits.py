@@ -123,23 +123,37 @@ class _Pipeline:
 
     While one pipeline is on the wire, the next requests' commands queue; they all go in the next
     one. So at any rate there is at most one round trip in flight and one connection in use, instead
-    of a command (and, under load, a new connection) per request and event.
+    of a command (and, under load, a new connection) per request and event. Updates nobody waits for
+    (a request was taken, a request ended) leave with the next admission, or after ``linger`` seconds:
+    a request then costs one round trip, not three.
     """
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, linger: float = 0.02) -> None:
         self.redis = redis
+        self.linger = linger
         self._queue: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]] | None]] = []
         self._running = False
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None  # a strong reference: the loop keeps weak ones
 
     def submit(self, build: Callable[[Any], None], *, wait: bool) -> asyncio.Future[list[Any]] | None:
         """Queue ``build(pipe)`` (which adds commands); with ``wait``, a future of their results."""
-        future = asyncio.get_running_loop().create_future() if wait else None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future() if wait else None
         self._queue.append((build, future))
-        if not self._running:
+        if wait:
+            self._start()
+        elif self._timer is None and not self._running:
+            self._timer = loop.call_later(self.linger, self._start)
+        return future
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._running and self._queue:
             self._running = True
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return future
 
     async def _run(self) -> None:
         try:
@@ -216,6 +230,7 @@ class RedisCounters:
 
     async def drain(self) -> None:
         """Until queued updates are sent (on shutdown)."""
+        self._pipeline._start()  # now, not after the linger
         for _ in range(50):
             if not self._pipeline._queue and not self._pipeline._running:
                 return
