@@ -125,11 +125,12 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
-        self._wakeup = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None  # the sender waits on it (a bare future: one loop hop)
         self._full = False
         self.frames = 0  # publish frames written (records per frame = how well commits are batched)
         self._down_since: float | None = None
         self._adopter: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Task[None] | None = None
         self.metrics = ledger_metrics()
 
     # -- the request path --------------------------------------------------------------------
@@ -169,19 +170,26 @@ class Ledger:
         timeout (the record stays in the log and is sent when the stream is back)."""
         started = time.monotonic()
         done = self.record(record)
-        await asyncio.wait((done,), timeout=self.commit_timeout if timeout is None else timeout)
-        if done.done():
-            self.metrics.commit_seconds.observe(time.monotonic() - started)
-            return True
-        self.metrics.records.labels("late").inc()
-        return False
+        try:
+            # Awaited directly (no wrapper task): the end of every request pays this, in loop hops too.
+            async with asyncio.timeout(self.commit_timeout if timeout is None else timeout):
+                await done
+        except TimeoutError:  # `done` is cancelled with it; the record stays pending and is sent later
+            self.metrics.records.labels("late").inc()
+            return False
+        self.metrics.commit_seconds.observe(time.monotonic() - started)
+        return True
 
     def _add(self, publishing_id: int, data: bytes, done: asyncio.Future[None]) -> None:
         self._pending[publishing_id] = _Entry(data, done)
         self._pending_bytes += len(data)
         self._unsent.append(publishing_id)
         self._update_gauges()
-        self._wakeup.set()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -217,14 +225,18 @@ class Ledger:
                     len(entries), self.wal.path,
                 )  # fmt: skip
         self._task = asyncio.create_task(self._run())
+        if self.wal is not None:
+            self._syncer = asyncio.create_task(self._sync_periodically())
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every record so far is confirmed (True) or ``timeout`` passes (False)."""
-        waiting = [entry.done for entry in self._pending.values()]
-        if not waiting:
-            return True
-        _, not_done = await asyncio.wait(waiting, timeout=timeout)
-        return not not_done
+        waiting = list(self._pending)
+        deadline = time.monotonic() + timeout
+        while any(pid in self._pending for pid in waiting):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def close(self, timeout: float = 5.0) -> None:
         """Send what is pending for up to ``timeout`` seconds, then disconnect. Anything still
@@ -233,13 +245,17 @@ class Ledger:
             return
         await self.flush(timeout)
         self._closing = True
-        self._wakeup.set()
+        self._wake_sender()
         if self._task is not None:
             _, running = await asyncio.wait((self._task,), timeout=1.0)
             if running:  # e.g. sleeping before a reconnect
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
         if self._adopter is not None and not self._adopter.done():
             self._adopter.cancel()  # an orphan file not sent yet stays for the next start
             with contextlib.suppress(asyncio.CancelledError):
@@ -249,14 +265,13 @@ class Ledger:
             where = self.wal.path if self.wal is not None else "nowhere (no write-ahead log: lost)"
             log.warning("usage ledger: %d records not confirmed at shutdown, kept in %s", len(self._pending), where)
         if self.wal is not None:
-            self.wal.compact((pid, entry.data) for pid, entry in self._pending.items())
+            self.wal.compact(((pid, entry.data) for pid, entry in self._pending.items()), durable=True)
             self.wal.close(remove=not self._pending)
 
     # -- the sender --------------------------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = 0.5
-        last_sync = time.monotonic()
         while not self._closing:
             try:
                 if self._producer is None or self._broken:
@@ -276,13 +291,25 @@ class Ledger:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            if self.wal is not None and self._pending and time.monotonic() - last_sync > 1.0:
-                # Machine crashes: unconfirmed records reach the disk within a second (off the request path).
-                await asyncio.to_thread(self.wal.sync)
-                last_sync = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), 0.5)
-            self._wakeup.clear()
+            if not self._unsent and not self._broken:
+                self._wake = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):  # also checks for stalled confirms twice a second
+                        await self._wake
+                if self._closing:
+                    return
+            self._wake = None
+
+    async def _sync_periodically(self) -> None:
+        """Machine crashes: unconfirmed records reach the disk within a second. Its own task, off the
+        sender's path: an fsync can take long on a busy disk, and sending must not wait for it."""
+        while self.wal is not None:
+            await asyncio.sleep(1.0)
+            if self._pending and self.wal is not None:
+                try:
+                    await asyncio.to_thread(self.wal.sync)
+                except OSError as exc:  # e.g. the file was just compacted (replaced): the next round syncs it
+                    log.debug("usage ledger: fsync: %s", exc)
 
     async def _adopt_orphans(self) -> None:
         """Send the files of processes that are gone and were not restarted on this path (another
@@ -390,10 +417,10 @@ class Ledger:
             if not batch:
                 return
             try:
-                await asyncio.wait_for(
-                    producer.send_batch(self.stream, batch, publisher_name=self.publisher, on_publish_confirm=callback),
-                    self.send_timeout,
-                )
+                async with asyncio.timeout(self.send_timeout):  # no wrapper task: one loop hop less per frame
+                    await producer.send_batch(
+                        self.stream, batch, publisher_name=self.publisher, on_publish_confirm=callback
+                    )
             except BaseException:
                 self._unsent.extendleft(reversed([m.publishing_id for m in batch]))  # type: ignore[misc]
                 raise
@@ -414,7 +441,7 @@ class Ledger:
             if not self._broken:
                 log.warning("usage ledger: record not confirmed (code %d); reconnecting", status.response_code)
             self._broken = True
-            self._wakeup.set()
+            self._wake_sender()
             return
         del self._pending[status.message_id]
         self._pending_bytes -= len(entry.data)
@@ -426,7 +453,7 @@ class Ledger:
     def _on_closed(self, generation: object, info: object) -> None:
         if generation is self._generation:
             self._broken = True
-            self._wakeup.set()
+            self._wake_sender()
 
     def _check_stalled(self) -> None:
         """A connection that silently stopped confirming (a partition) is replaced."""

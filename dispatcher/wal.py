@@ -130,11 +130,12 @@ class WriteAheadLog:
             raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
         return publishing_id
 
-    def compact(self, pending: Iterable[tuple[int, bytes]]) -> None:
-        """Replace the file by one holding only ``pending`` (the records not confirmed yet)."""
-        self._rewrite(list(pending))
+    def compact(self, pending: Iterable[tuple[int, bytes]], *, durable: bool = False) -> None:
+        """Replace the file by one holding only ``pending`` (the records not confirmed yet). Without
+        ``durable`` there is no fsync here (it runs on the event loop): the periodic ``sync()`` covers it."""
+        self._rewrite(list(pending), durable=durable)
 
-    def _rewrite(self, entries: list[tuple[int, bytes]]) -> None:
+    def _rewrite(self, entries: list[tuple[int, bytes]], *, durable: bool = True) -> None:
         header = b"%s %s %s %s %d\n" % (
             MAGIC, VERSION, self.stream.encode(), self.publisher.encode(), self.next_id,
         )  # fmt: skip
@@ -143,7 +144,8 @@ class WriteAheadLog:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, header + body)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import random
 import statistics
@@ -24,6 +25,7 @@ from rstream import Producer
 
 from dispatcher.ledger import Ledger
 from dispatcher.usage import StreamAddress, UsageRecord, percentile
+from loadtest.sse_client import StreamingClient, StreamResult
 
 DEFAULT_URL = os.environ.get("DISPATCHER_USAGE_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 
@@ -89,6 +91,62 @@ async def _delete(url: str, name: str) -> None:
         await producer.close()
 
 
+def e2e(streams: int, seconds: float) -> dict[str, dict[str, float]]:
+    """Through the whole stack (simulator, worker, gateway): the gap between a stream's last token and
+    the end of its answer, with the ledger off and on; the difference is what the durable commit adds."""
+    from tests.stack import Stack  # the test kit's process runner (a dev dependency, like this benchmark)
+
+    figures: dict[str, dict[str, float]] = {}
+    for mode in ("off", "on"):
+        name = "ledger-bench-" + uuid.uuid4().hex[:8]
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"DISPATCHER_USAGE_WAL": str(Path(tmp) / "usage.wal"), "DISPATCHER_USAGE_STREAM_NAME": name}
+            if mode == "on":
+                env["DISPATCHER_USAGE_STREAM_URL"] = DEFAULT_URL
+            stack = Stack(Path(tmp), env=env)
+            try:
+                stack.serve(max_num_seqs=streams, max_concurrency=streams, token="ledger-bench", decode_ms=10)
+                results = asyncio.run(_load(stack.gateway_url, stack.model, stack.token, streams, seconds))
+            finally:
+                stack.close()
+        if mode == "on":
+            asyncio.run(_delete(DEFAULT_URL, name))
+        tails = [r.finished_at - r.last_token_at for r in results if r.ok and r.finished_at and r.last_token_at]
+        errors = collections.Counter(r.error[:60] or f"HTTP {r.status}" for r in results if not r.ok)
+        if errors:
+            print(f"  ledger {mode}: failed streams: {dict(errors.most_common(3))}")
+        figures[mode] = {
+            "streams_done": len(tails),
+            "failed": sum(not r.ok for r in results),
+            "tail_p50_ms": 1000 * (percentile(tails, 0.5) or 0),
+            "tail_p99_ms": 1000 * (percentile(tails, 0.99) or 0),
+        }
+    return figures
+
+
+async def _load(gateway_url: str, model: str, token: str, streams: int, seconds: float) -> list[StreamResult]:
+    url = gateway_url + "/v1/chat/completions"
+    body = b'{"model":"%s","messages":[{"role":"user","content":"tell me"}],"max_tokens":24,"stream":true}' % (
+        model.encode()
+    )
+    warm_up = StreamingClient(url, token)  # the token is looked up once, not by 64 requests at once
+    await warm_up.post(body, lambda *_: None)
+    warm_up.close()
+    results: list[StreamResult] = []
+    deadline = time.monotonic() + seconds
+
+    async def user() -> None:
+        client = StreamingClient(url, token)
+        try:
+            while time.monotonic() < deadline:
+                results.append(await client.post(body, lambda *_: None))
+        finally:
+            client.close()
+
+    await asyncio.gather(*(user() for _ in range(streams)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_URL)
@@ -96,7 +154,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--stream-ms", type=float, nargs=2, default=(20.0, 200.0), help="a stream's length range")
     parser.add_argument("--no-wal", action="store_true", help="memory only (shows what the log costs)")
+    parser.add_argument("--e2e", action="store_true", help="also through the stack: end-of-stream gap, ledger off/on")
     args = parser.parse_args()
+    if args.e2e:
+        for streams in args.streams:
+            figures = e2e(streams, args.seconds)
+            for mode, f in figures.items():
+                print(
+                    f"e2e {streams:>4} streams, ledger {mode:>3}: {f['streams_done']:>6.0f} answers "
+                    f"({f['failed']:.0f} failed), last token -> end of answer p50 {f['tail_p50_ms']:.1f} ms, "
+                    f"p99 {f['tail_p99_ms']:.1f} ms"
+                )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         wal = None if args.no_wal else str(Path(tmp) / "bench.wal")
         print(f"usage ledger commit latency ({'no log' if wal is None else 'write-ahead log'}, {os.cpu_count()} CPUs)")
