@@ -63,8 +63,10 @@ class CommonSettings:
     # classic (priorities 0-10; lost with its node) or quorum (replicated; on RabbitMQ 4.x two
     # priority classes: above 4 is high). Gateways and workers must agree.
     queue_type: str = field(default_factory=lambda: _env("QUEUE_TYPE", "classic"))
-    # A gateway that sends no heartbeat for this long is gone: workers abort its requests.
-    gateway_liveness_timeout: float = field(default_factory=lambda: _env_float("GATEWAY_LIVENESS_TIMEOUT", 0.8))
+    # A gateway that sends no heartbeat (every 0.2 s) for this long is gone: workers abort its
+    # requests. A gateway that loses its connection says so at once; this bounds the GPU time spent
+    # for a crashed one. Shorter aborts live streams of a gateway whose CPU is starved.
+    gateway_liveness_timeout: float = field(default_factory=lambda: _env_float("GATEWAY_LIVENESS_TIMEOUT", 3.0))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
     log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "text"))  # text | json
     # Label request and token-count metrics with the token's name (false: the label is "").

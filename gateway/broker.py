@@ -110,6 +110,7 @@ class GatewayBroker:
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._beat = asyncio.Event()  # set: send a heartbeat now
+        self._orphans: dict[str, None] = {}  # attempts told to stop (insertion-ordered, bounded)
 
     @property
     def ready(self) -> bool:
@@ -250,8 +251,11 @@ class GatewayBroker:
         for frame in frames:
             inbox = self.pending.get(frame.request_id)
             if inbox is None:
-                # Nobody waits for it any more (client gone, timed out): stop the work.
-                if frame.kind not in (Kind.END, Kind.ERROR, Kind.REQUEUED):
+                # Nobody waits for it any more (client gone, timed out): stop the work, once.
+                if frame.kind not in (Kind.END, Kind.ERROR, Kind.REQUEUED) and frame.attempt not in self._orphans:
+                    self._orphans[frame.attempt] = None
+                    if len(self._orphans) > 10_000:
+                        del self._orphans[next(iter(self._orphans))]
                     self.send_cancel(frame.request_id, frame.attempt)
                 continue
             for attempt in inbox.feed(frame):

@@ -80,7 +80,9 @@ class Relay:
     def _wait_time(self) -> float:
         if self.inbox.accepted_at is None:
             return max(0.0, min(self.keepalive_interval, self.queue_deadline - time.monotonic()))
-        return self.idle_timeout
+        # Until the idle limit counted from the last frame, not from now: a silent worker is noticed
+        # after idle_timeout, not up to twice that.
+        return max(0.01, self.idle_timeout - (time.monotonic() - self._last_frame_at))
 
     async def head(self, *, commit_after: float | None) -> tuple[int, str, list[Frame]]:
         """Wait for vLLM's status. Returns (status, content type, frames so far).

@@ -106,6 +106,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         tmp_path_factory.mktemp("delivery"),
         env={
             "DISPATCHER_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+            "DISPATCHER_GATEWAY_LIVENESS_TIMEOUT": "0.8",  # a crashed gateway's work stops within 1 s
             "DISPATCHER_HEARTBEAT_INTERVAL": "0.5",
             "DISPATCHER_VLLM_STALL_TIMEOUT": str(STALL_TIMEOUT),
             "DISPATCHER_GATEWAY_WORKERS": "1",  # one process: its broker connections are its own

@@ -84,7 +84,7 @@ async def test_requeued_goes_back_to_waiting_and_a_later_attempt_is_served() -> 
 
 async def test_end_means_everything_before_it_arrived() -> None:
     inbox, a = Inbox(RID, "m"), Attempt("w.1")
-    accepted, head, data, end = frames_of(a, Kind.ACCEPTED, Kind.HEAD, Kind.DATA, Kind.END)
+    accepted, head, _data, end = frames_of(a, Kind.ACCEPTED, Kind.HEAD, Kind.DATA, Kind.END)
     feed(inbox, [accepted, head, end])  # END overtook DATA
     got = await drain(inbox)
     assert got[-1].kind is Kind.ERROR and Kind.END not in [f.kind for f in got]

@@ -69,7 +69,9 @@ class Worker:
         self.ledger = UsageLedger.from_settings(settings)
         self.accounting = WorkerAccounting(settings.model, self.id, self.ledger)
         self.gateways = GatewayWatch(settings.gateway_liveness_timeout, self._gateway_gone)
-        self.replies = ReplySender(settings.flush_interval, self._frames_lost)
+        self.replies = ReplySender(
+            settings.amqp_url, f"dispatcher-worker-{self.id}", settings.flush_interval, self._frames_lost
+        )
         self.runner = JobRunner(
             settings,
             self.vllm,
@@ -94,6 +96,7 @@ class Worker:
         )
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.accounting.bind(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -127,11 +130,9 @@ class Worker:
         channel = await connection.channel(publisher_confirms=False)
         self.publisher.watch(channel)
         self._control = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-        self.replies.channel = channel
         await self._announce()
 
     def _publisher_lost(self) -> None:
-        self.replies.channel = None
         self._control = None
 
     async def drain(self, grace: float) -> None:
@@ -208,6 +209,7 @@ class Worker:
             log.info("dropping a queued request: %s", why, extra={"request_id": job.request_id})
             await self.runner.settle(job, "cancelled")
             return
+        self.replies.open(job.gateway, job.reply_to)  # its gateway listens: connect for the replies
         if job.expired():
             self.runner.send(job, Kind.ERROR, error_body(504, "The request timed out waiting in the queue."), 504)
             await self.runner.settle(job, "error")
@@ -252,6 +254,9 @@ class Worker:
             self.cancelled[cancel.request_id] = time.monotonic() + self.settings.queue_timeout + 60
 
     def _gateway_gone(self, gateway: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.replies.forget(gateway))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         stopped = 0
         for job in list(self.jobs.values()):
             if job.gateway == gateway:

@@ -2,6 +2,9 @@
 
 Replies go to direct reply-to addresses with ``mandatory=False`` and without publisher confirms
 (a reply to a gateway that is gone is dropped by the broker; gateway liveness tells us instead).
+Each gateway incarnation gets a connection of its own: in a cluster, a reply to a gateway whose
+node is down makes the broker close the publishing connection (541 on 3.10), and that must not
+take the other gateways' streams with it.
 A single task publishes the batches one after another, so frames can never overtake each other;
 ``sent()`` waits until everything queued before it has left, so that a request is acked only once
 its END is on its way.
@@ -14,16 +17,48 @@ import logging
 from collections.abc import Callable
 
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from dispatcher.amqp import BrokerLink
 from dispatcher.wire import Frame, frames_encoder
 
 log = logging.getLogger("dispatcher.worker.replies")
 
 
-class ReplySender:
-    def __init__(self, flush_interval: float, on_lost: Callable[[list[Frame]], None]) -> None:
+CONNECT_WAIT = 2.0  # s a batch waits for its gateway's new connection before it counts as lost
+
+
+class GatewayLink:
+    """The connection replies to one gateway incarnation travel on."""
+
+    def __init__(self, urls: str, name: str) -> None:
         self.channel: AbstractChannel | None = None
+        self.link = BrokerLink(urls, name, self._setup, self._lost)
+        self.link.start()
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        self.link.watch(channel)
+        self.channel = channel
+
+    def _lost(self) -> None:
+        self.channel = None
+
+    async def ready_channel(self) -> AbstractChannel | None:
+        if not self.link.ready:
+            try:
+                await asyncio.wait_for(self.link.connected.wait(), CONNECT_WAIT)
+            except TimeoutError:
+                return None
+        return self.channel
+
+
+class ReplySender:
+    def __init__(self, urls: str, name: str, flush_interval: float, on_lost: Callable[[list[Frame]], None]) -> None:
+        self.urls = urls
+        self.name = name
+        self._links: dict[str, GatewayLink] = {}  # gateway incarnation -> its connection
+        self._gateway_of: dict[str, str] = {}  # reply-to address -> gateway incarnation
         self.flush_interval = flush_interval
         self.on_lost = on_lost  # frames that could not be sent (their attempts are broken)
         self._buffers: dict[str, list[Frame]] = {}
@@ -40,6 +75,25 @@ class ReplySender:
         await self.flush_now()
         if self._task is not None:
             self._task.cancel()
+        for gateway in list(self._links):
+            await self.forget(gateway)
+
+    def open(self, gateway: str, reply_to: str) -> None:
+        """A job of this gateway arrived: connect for its replies now, while the job starts."""
+        self._gateway_of[reply_to] = gateway
+        if gateway not in self._links:
+            self._links[gateway] = GatewayLink(self.urls, f"{self.name}-replies-{len(self._links)}")
+
+    async def forget(self, gateway: str) -> None:
+        """The gateway is gone: close its connection."""
+        link = self._links.pop(gateway, None)
+        self._gateway_of = {r: g for r, g in self._gateway_of.items() if g != gateway}
+        if link is not None:
+            await link.link.close()
+
+    @property
+    def connections(self) -> int:
+        return len(self._links)
 
     def send(self, reply_to: str, frame: Frame) -> None:
         """Queue a frame; it leaves within ``flush_interval``."""
@@ -79,11 +133,12 @@ class ReplySender:
                     self._flushing.set_result(None)
 
     async def _publish(self, reply_to: str, frames: list[Frame]) -> None:
-        channel = self.channel
+        link = self._links.get(self._gateway_of.get(reply_to, ""))
+        channel = None if link is None else await link.ready_channel()
         message = aio_pika.Message(frames_encoder.encode(frames), content_type="application/msgpack")
         try:
             if channel is None or channel.is_closed:
-                raise ConnectionError("no reply channel")
+                raise ConnectionError("no reply connection to this gateway")
             await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
         except Exception as exc:  # the broker is gone: these attempts can no longer answer
             log.warning("could not send %d frames: %s", len(frames), type(exc).__name__)
