@@ -204,6 +204,14 @@ class GatewayBroker:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from exc
         except DeliveryError as exc:  # nacked: the queue is full (x-overflow: reject-publish)
             self.pending.pop(request_id, None)
+            if self.settings.queue_type == "quorum":
+                # A quorum queue also refuses while it has no leader (a node lost): say both.
+                raise APIError(
+                    503,
+                    f"The queue for model `{model}` is full or failing over; retry shortly.",
+                    code="queue_unavailable",
+                    headers={"Retry-After": "2"},
+                ) from exc
             raise APIError(
                 429,
                 f"The queue for model `{model}` is full; retry later.",
