@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from worker.main import Worker
     from worker.usage import UsageLedger
 
+
 class TokenClock:
     """Time to first token and inter-token latency of one streamed answer, event by event.
 
