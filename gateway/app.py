@@ -24,7 +24,7 @@ from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_
 from gateway.accounting import RequestRecord
 from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority, shared_redis
 from gateway.broker import GatewayBroker
-from gateway.ledger import record_refusal
+from gateway.ledger import close_ledger, record_refusal
 from gateway.limits import RateLimiter
 from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
@@ -289,6 +289,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             if listener:
                 listener.cancel()
             await broker.stop()
+            await close_ledger()  # refusal records not confirmed yet: sent now, not by the next gateway
             await limits.drain()
             if redis is not None:
                 await redis.aclose()

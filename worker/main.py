@@ -179,6 +179,8 @@ class Worker:
     def _should_consume(self) -> bool:
         if not (self.accepting and self.vllm_healthy and self.publisher.ready):
             return False
+        if self.ledger is not None and self.ledger.full:
+            return False  # the usage stream is gone too long: take no request we could not bill
         waiting = self.vllm_load.waiting if self.vllm_load is not None else 0.0
         if waiting == 0 or not self.jobs:
             return True  # an idle worker may always try one request

@@ -89,6 +89,8 @@ class JobRunner:
         job.task.add_done_callback(lambda _: job.settled or asyncio.ensure_future(self.settle(job, "cancelled")))
 
     def stop(self, job: Job, reason: str) -> None:
+        if job.settled:
+            return  # its answer is complete and being recorded: nothing left to stop
         if job.task is not None and not job.task.done():
             job.stop_reason = job.stop_reason or reason
             job.task.cancel()
