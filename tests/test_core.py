@@ -207,7 +207,7 @@ async def test_high_priority_request_is_started_next(make_stack: type[Stack]) ->
 
     async with httpx.AsyncClient() as http:
         await http.post(stack.simulator_url + "/sim/reset")
-        blocker = asyncio.create_task(ask(low, "blocker", max_tokens=80))
+        blocker = asyncio.create_task(ask(low, "blocker", max_tokens=400))
         await _until_started(http, stack, "blocker")
         backlog = [asyncio.create_task(ask(low, f"low-{i}")) for i in range(5)]
         await asyncio.sleep(0.3)  # they are queued in RabbitMQ behind the blocker

@@ -25,7 +25,7 @@ def _status(url: str) -> int:
 
 
 async def test_vllm_down_pauses_the_queue_in_priority_order(make_stack: type[Stack]) -> None:
-    stack = make_stack()
+    stack = make_stack(env={"DISPATCHER_EXPRESS_PRIORITY": "11"})  # one queue: its priority order
     simulator = stack.start_simulator(max_num_seqs=1, decode_ms=5)
     worker = stack.start_worker(max_concurrency=1)
     stack.start_gateway()
