@@ -10,4 +10,10 @@ ruff check .
 # (about 15 min on 2 cores), then reused; exports DISPATCHER_LLAMA_SERVER and DISPATCHER_LLAMA_MODEL.
 llama_env="$(nice -n 19 bash scripts/build-llama-server.sh)"  # a failed build stops here (set -e)
 eval "$llama_env"
+# Tests spend most of their time waiting on real processes: a few run side by side (one test file
+# per process, so a module's shared stack stays in one). DISPATCHER_TEST_PROCESSES=0 runs them serially.
+processes="${DISPATCHER_TEST_PROCESSES:-3}"
+if [ "$processes" -gt 0 ]; then
+  set -- -n "$processes" --dist loadfile "$@"
+fi
 python -m pytest -q -p no:cacheprovider "$@"
