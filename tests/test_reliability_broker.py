@@ -103,14 +103,17 @@ async def test_broker_restart(broker_stack: tuple[Stack, RabbitNode]) -> None:
     assert answer is not None and answer.status_code == 200
     assert (worker.popen.pid, gateway.popen.pid) == pids and worker.alive() and gateway.alive()
     assert _status(stack.gateway_url + "/ready") == _status(worker.url + "/ready") == 200  # type: ignore[attr-defined]
-    # Nothing piled up: one connection each, one consumer on each model queue, one control queue each.
-    assert len(node.ctl("list_connections", "name")) == 2
+    # Nothing piled up. Connections: the gateway's two (replies, control) and the worker's three
+    # (consuming, publishing, replies to this gateway); one consumer on each model queue, one control
+    # queue each.
+    assert len(node.ctl("list_connections", "name")) == 5
     queues = {name: int(consumers) for name, consumers in node.ctl("list_queues", "name", "consumers")}
     assert queues.pop(queue_name(stack.model)) == 1
     assert queues.pop(queue_name(stack.model, express=True)) == 1
     assert sorted(queues.values()) == [1, 1], queues
-    # Channels: the gateway's one (its reply-to consumer is not counted by the broker, and the answer
-    # above proves it exists), the worker's queue channel (3 consumers) and its reply channel.
+    # Channels: the gateway's replies channel (its reply-to consumer is not counted by the broker, and
+    # the answer above proves it exists) and control channel (1 consumer); the worker's queue channel
+    # (3 consumers), its depth-probe channel, its publishing channel and its reply channel.
     channels = node.ctl("list_channels", "name", "consumer_count")
-    assert len(channels) == 3 and sum(int(count) for _, count in channels) == 4, channels
+    assert len(channels) == 6 and sum(int(count) for _, count in channels) == 4, channels
 
