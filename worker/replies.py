@@ -95,10 +95,14 @@ class ReplySender:
     def connections(self) -> int:
         return len(self._links)
 
-    def send(self, reply_to: str, frame: Frame) -> None:
-        """Queue a frame; it leaves within ``flush_interval``."""
+    def send(self, reply_to: str, frame: Frame, *, urgent: bool = False) -> None:
+        """Queue a frame; it leaves within ``flush_interval``, or at once when ``urgent`` (a stream's
+        first output: time to first token is what users feel)."""
         self._buffers.setdefault(reply_to, []).append(frame)
-        if not self._scheduled:
+        if urgent:
+            self._due.set()
+            self._scheduled = True
+        elif not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(self.flush_interval, self._due.set)
 

@@ -71,9 +71,10 @@ class JobRunner:
         job.last_sent_at = time.monotonic()
         if status:
             job.status = status
+        first_output = kind is Kind.DATA and not job.output_started
         if kind is Kind.DATA:
             job.output_started = True
-        self.replies.send(job.reply_to, frame)
+        self.replies.send(job.reply_to, frame, urgent=first_output)
 
     def request_body(self, job: Job, raw: bytes) -> tuple[dict[str, Any], bool, bool]:
         """The server's request body, whether it streams, and whether the client asked for usage."""
