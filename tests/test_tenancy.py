@@ -532,10 +532,13 @@ async def test_reserved_slots_start_express_requests_past_a_low_backlog(make_sta
         await http.post(stack.simulator_url + "/sim/reset")
         url = stack.gateway_url + "/v1/chat/completions"
         lows = [
-            asyncio.create_task(http.post(url, json=chat(stack.model, f"low-{i}", 60), headers=bearer(low)))
+            asyncio.create_task(http.post(url, json=chat(stack.model, f"low-{i}", 300), headers=bearer(low)))
             for i in range(4)
         ]
-        await asyncio.sleep(0.15)  # the first low runs, the others wait in the normal queue
+        # The first low runs (the normal lane holds one), the others wait in the normal queue.
+        while not any(event["event"] == "started" for event in await sim_log(http, stack)):  # noqa: ASYNC110 (polling another process)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
         urgent = await http.post(url, json=chat(stack.model, "urgent", 3), headers=bearer(high))
         assert urgent.status_code == 200
         assert all(answer.status_code == 200 for answer in await asyncio.gather(*lows))
