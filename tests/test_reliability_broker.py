@@ -37,7 +37,12 @@ def broker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
         ]
         for thread in starters:
             thread.start()
-        time.sleep(1.5)
+        # The node starts once both have tried and failed to reach it (they start slowly on a busy box).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            len(stack.processes) == 3 and all("cannot reach the message broker" in p.log() for p in stack.processes[1:])
+        ):
+            time.sleep(0.2)
         node.start()
         for thread in starters:
             thread.join(60)
