@@ -288,6 +288,8 @@ async def test_requests_right_after_a_gateway_reconnect_are_served(rig: Rig) -> 
 
     async with httpx.AsyncClient(timeout=60) as http:
         await until(reconnected, 20, "the gateway reconnected")
+        # Its links are up again; it says it is ready once they are set up (as a load balancer sees it).
+        await until(lambda: httpx.get(stack.gateway_url + "/ready", timeout=2).status_code == 200, 20, "ready")
         bodies = [seeded(f"reconnect-{i}", 5, model=stack.model, stream=False) for i in range(3)]
         started = time.monotonic()
         answers = await asyncio.wait_for(

@@ -18,7 +18,7 @@ from dispatcher.wire import queue_name
 from tests import rabbit_node
 from tests.faults import chat, events_of, post, read_stream, sim_log, until_event
 from tests.rabbit_node import RabbitNode
-from tests.stack import Stack
+from tests.stack import Stack, wait_http
 
 pytestmark = pytest.mark.skipif(not rabbit_node.available(), reason="rabbitmq-server is not installed")
 
@@ -46,6 +46,10 @@ def broker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
         node.start()
         for thread in starters:
             thread.join(60)
+        # Their own /ready waits may have given up while the node booted: wait here, longer.
+        wait_http(stack.gateway_url + "/ready", timeout=60)
+        worker = next(process for process in stack.processes if process.name == "worker")
+        wait_http(worker.url + "/ready", timeout=60)  # type: ignore[attr-defined]
         stack.wait_model()
         stack.token = stack.add_token("broker", priority=5)  # type: ignore[attr-defined]
         yield stack, node
