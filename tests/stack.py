@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rstream import Producer
+
 from dispatcher.amqp import delete_model_queue
 from dispatcher.tokens import TokenStore
+from dispatcher.usage import StreamAddress
 
 T = TypeVar("T")
 
 AMQP_URL = os.environ.get("DISPATCHER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 REDIS_URL = os.environ.get("DISPATCHER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASES = {
     "sqlite": None,  # a temp file, per stack
@@ -200,6 +204,17 @@ class Stack:
             process.stop(signal.SIGTERM, timeout=5)
         if any(process.name == "worker" for process in self.processes):
             self.delete_queues(self.model)
+
+
+async def delete_stream(name: str) -> None:
+    """Remove a usage stream a test made (tests leave the broker as they found it)."""
+    address = StreamAddress.parse(STREAM_URL)
+    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
+    try:
+        await producer.start()
+        await producer.delete_stream(name, missing_ok=True)
+    finally:
+        await producer.close()
 
 
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -10,9 +10,7 @@ import httpx
 
 from dispatcher.usage import read_usage
 from tests.faults import chat
-from tests.stack import Stack
-
-STREAM_URL = "rabbitmq-stream://guest:guest@127.0.0.1:5552/"
+from tests.stack import STREAM_URL, Stack, delete_stream, run_sync
 
 
 async def test_abandoned_streams_are_charged_what_was_generated(tmp_path: Path) -> None:
@@ -54,3 +52,4 @@ async def test_abandoned_streams_are_charged_what_was_generated(tmp_path: Path) 
         assert sum(received) - 3 <= charged <= generated
     finally:
         stack.close()
+        run_sync(lambda: delete_stream(stream))

@@ -8,17 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from rstream import Producer
 
-from dispatcher.usage import StreamAddress, read_usage
-from tests.stack import Stack, free_port, run_sync, wait_http
+from dispatcher.usage import read_usage
+from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync, wait_http
 from worker.backends import (
     AutoBackend,
     Backend,
@@ -33,8 +31,6 @@ from worker.backends import (
     parse_gauges,
 )
 from worker.events import Usage, body_usage, inspect
-
-STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 
 # -- events.inspect: one event, each dialect ----------------------------------------------------
 
@@ -255,15 +251,6 @@ def spaced_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.close()
         run_sync(lambda: delete_stream(stream))
 
-
-async def delete_stream(name: str) -> None:
-    address = StreamAddress.parse(STREAM_URL)
-    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
-    try:
-        await producer.start()
-        await producer.delete_stream(name, missing_ok=True)
-    finally:
-        await producer.close()
 
 
 async def test_backends_probe_the_simulator(spaced_stack: Stack) -> None:

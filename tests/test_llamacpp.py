@@ -20,17 +20,15 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
-from rstream import Producer
 
 from dispatcher.amqp import delete_model_queue
-from dispatcher.usage import StreamAddress, UsageRecord, read_usage
+from dispatcher.usage import UsageRecord, read_usage
 from dispatcher.wire import queue_name
-from tests.stack import Process, Stack, free_port, run_sync, wait_http
+from tests.stack import STREAM_URL, Process, Stack, delete_stream, free_port, run_sync, wait_http
 from worker.backends import Backend, LlamaCppBackend, Load, State, detect, make_backend
 from worker.events import Usage, body_usage, inspect
 
 ROOT = Path(__file__).resolve().parents[1]
-STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 SLOTS = 2  # llama-server -np: requests it runs at once
 
 
@@ -65,15 +63,6 @@ def start_llama(stack: Stack, alias: str, port: int | None = None, *, wait: bool
         wait_http(url + "/health", timeout=60)
     return url
 
-
-async def delete_stream(name: str) -> None:
-    address = StreamAddress.parse(STREAM_URL)
-    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
-    try:
-        await producer.start()
-        await producer.delete_stream(name, missing_ok=True)
-    finally:
-        await producer.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -133,5 +134,6 @@ async def test_cancelled_before_the_answer_closes_the_connection_and_vllm_aborts
 
 
 async def _stats(client: VLLMClient) -> dict[str, int]:
-    response = await client._probe.get(client.root_url + "/sim/stats")
+    async with httpx.AsyncClient(timeout=2) as http:
+        response = await http.get(client.root_url + "/sim/stats")
     return response.json()

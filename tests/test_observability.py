@@ -13,8 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.stack import Stack, run_sync
-from tests.test_usage import STREAM_URL, delete_stream
+from tests.stack import STREAM_URL, Stack, delete_stream, run_sync
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dispatcher-dashboard.json"
 MAX_CONCURRENCY = 4

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rstream import Producer
 
 from dispatcher.usage import (
     StreamAddress,
@@ -27,20 +26,8 @@ from dispatcher.usage import (
     read_usage,
     summarize,
 )
-from tests.stack import Stack, free_port, run_sync
+from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync
 from worker.usage import UsageLedger
-
-STREAM_URL = os.environ.get("DISPATCHER_TEST_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
-
-
-async def delete_stream(name: str) -> None:
-    address = StreamAddress.parse(STREAM_URL)
-    producer = Producer(address.host, **address.connect_kwargs())  # type: ignore[arg-type]
-    try:
-        await producer.start()
-        await producer.delete_stream(name, missing_ok=True)
-    finally:
-        await producer.close()
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,7 @@ from dispatcher.usage import UsageRecord, read_usage, summarize, unique
 from dispatcher.wal import WriteAheadLog
 from tests import rabbit_node
 from tests.rabbit_node import RabbitNode
-from tests.stack import Stack, free_port, run_sync
-from tests.test_usage import STREAM_URL, delete_stream
+from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync
 
 
 def make_record(request_id: str, token: str = "durable", tokens: int = 3, **fields: object) -> UsageRecord:

@@ -54,29 +54,6 @@ class WorkerAccounting:
     def clock(self) -> TokenClock:
         return TokenClock(self._itl)
 
-    def finish(
-        self,
-        job: Job,
-        *,
-        outcome: str,
-        status: int,
-        usage: Usage | None,
-        stream: bool,
-        clock: TokenClock | None = None,
-        started_at: float | None = None,
-        estimated: bool | None = None,
-    ) -> UsageRecord:
-        """Count a request that ended here (ok, error or cancelled) and queue its ledger record
-        without waiting for the stream (it is in the write-ahead log already).
-
-        ``started_at`` is when vLLM was called (monotonic; None: it never was). ``estimated``: the
-        counts were taken from the content chunks (default: ``usage.estimated`` if it has one).
-        """
-        record = self._record(job, outcome, status, usage, stream, clock, started_at, estimated)
-        if self.ledger is not None:
-            self.ledger.record(record)
-        return record
-
     async def finish_durably(
         self,
         job: Job,
@@ -89,9 +66,11 @@ class WorkerAccounting:
         started_at: float | None = None,
         estimated: bool | None = None,
     ) -> UsageRecord:
-        """``finish``, returning once the stream confirmed the record: call it before sending END and
-        before acking. Bounded by ``DISPATCHER_USAGE_COMMIT_TIMEOUT``; past it the record stays in the
-        write-ahead log (sent when the stream is back) and the request goes on."""
+        """Count a request that ended here (ok, error or cancelled) and commit its ledger record,
+        returning once the stream confirmed it: call it before sending END and before acking.
+        ``started_at`` is when vLLM was called (monotonic; None: it never was); ``estimated``: the
+        counts were taken from the content chunks. Bounded by ``DISPATCHER_USAGE_COMMIT_TIMEOUT``; past
+        it the record stays in the write-ahead log (sent when the stream is back) and the request goes on."""
         record = self._record(job, outcome, status, usage, stream, clock, started_at, estimated)
         if self.ledger is not None:
             await self.ledger.commit(record)

@@ -91,10 +91,6 @@ class ReplySender:
         if link is not None:
             await link.link.close()
 
-    @property
-    def connections(self) -> int:
-        return len(self._links)
-
     def send(self, reply_to: str, frame: Frame, *, urgent: bool = False) -> None:
         """Queue a frame; it leaves within ``flush_interval``, or at once when ``urgent`` (a stream's
         first output: time to first token is what users feel)."""

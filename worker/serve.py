@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx2
 import msgspec
 import openai
 
@@ -137,7 +136,7 @@ class JobRunner:
                 if exc.status_code in RETRYABLE_STATUS and not job.output_started:
                     raise RequeueRequest(f"vLLM answered {exc.status_code}") from exc
                 raise
-            except (openai.APIConnectionError, httpx2.TransportError) as exc:
+            except openai.APIConnectionError as exc:  # refused, reset or broken off (see worker.netstream)
                 if not isinstance(exc, openai.APITimeoutError) and not job.output_started:
                     raise RequeueRequest(type(exc).__name__) from exc
                 raise
@@ -154,7 +153,7 @@ class JobRunner:
         except openai.APITimeoutError:
             outcome = "error"
             self.send(job, Kind.ERROR, error_body(504, "The inference server timed out."), 504)
-        except (openai.APIConnectionError, httpx2.TransportError):  # dropped mid-answer
+        except openai.APIConnectionError:  # dropped mid-answer
             outcome = "error"
             self.send(job, Kind.ERROR, error_body(502, "The inference server failed mid-answer."), 502)
         except msgspec.DecodeError:

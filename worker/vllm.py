@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import httpx2  # the openai SDK's own httpx, for the health and metrics probes
 import msgspec
 
 from worker.netstream import (
@@ -49,11 +48,9 @@ class VLLMClient:
         # The read timeout applies to each gap between bytes (queueing inside vLLM included), as the SDK's did.
         # ``concurrency`` is kept for callers: the pool keeps as many connections as requests run at once.
         self.http = HTTPClient(self.base_url, api_key=api_key or "EMPTY", read_timeout=request_timeout)
-        self._probe = httpx2.AsyncClient(timeout=httpx2.Timeout(2.0))
 
     async def close(self) -> None:
         await self.http.aclose()
-        await self._probe.aclose()
 
     def open(
         self, endpoint: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None
