@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -448,9 +449,12 @@ def close_broker_connections(
     """``rabbitmqctl close_connection`` every connection whose client port is in ``peer_ports`` (and
     whose name passes ``only``); returns the names of those it closed. ``known``: a listing made
     beforehand (``rabbitmqctl`` takes a second or more to start: list before the moment to cut)."""
-    closed = []
-    for connection in broker_connections(ctl) if known is None else known:
-        if connection.peer_port in peer_ports and only(connection.name):
-            ctl("close_connection", connection.pid, reason, table=False)
-            closed.append(connection.name)
-    return closed
+    chosen = [
+        connection
+        for connection in (broker_connections(ctl) if known is None else known)
+        if connection.peer_port in peer_ports and only(connection.name)
+    ]
+    # Side by side: one cut, as a node or a load balancer makes it, not one per rabbitmqctl start-up.
+    with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
+        list(pool.map(lambda connection: ctl("close_connection", connection.pid, reason, table=False), chosen))
+    return [connection.name for connection in chosen]
