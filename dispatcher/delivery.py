@@ -59,8 +59,10 @@ class Inbox:
 
     __slots__ = (
         "_buffered_bytes",
+        "_deadline",
         "_frames",
         "_next_seq",
+        "_timer",
         "_waiter",
         "accepted_at",
         "attempt",
@@ -85,6 +87,8 @@ class Inbox:
         self._frames: deque[Frame] = deque()
         self._buffered_bytes = 0
         self._waiter: asyncio.Future[None] | None = None  # set while the relay waits for frames
+        self._deadline: float | None = None  # loop time at which the current wait times out
+        self._timer: asyncio.TimerHandle | None = None
         # Called by the gateway's sweep when nobody has read this inbox for too long.
         self.on_abandon: Callable[[], None] | None = None
 
@@ -173,6 +177,10 @@ class Inbox:
             self.state = State.COMMITTED
         return True
 
+    def interrupt(self) -> None:
+        """Wake ``next_frames`` now (it returns what it has, perhaps nothing): the reader has news."""
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -182,20 +190,42 @@ class Inbox:
         """Every frame that has arrived, waiting up to ``timeout`` for one ([] on timeout)."""
         self.read_at = time.monotonic()
         if not self._frames:
-            # A bare future and timer: asyncio.wait_for would wrap every wait in a new task, and this
-            # runs once per batch of frames per stream.
+            # A bare future: asyncio.wait_for would wrap every wait in a new task, and this runs once
+            # per batch of frames per stream. The timer is kept across waits and re-armed only when
+            # it fires early (a stream's deadline moves on with every token), not made per wait.
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = None if timeout is None else loop.call_later(timeout, self._wake)
+            if timeout is not None:
+                self._deadline = deadline = loop.time() + timeout
+                if self._timer is None or self._timer.when() > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(deadline, self._on_timer)
+            else:
+                self._deadline = None
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
             self.read_at = time.monotonic()
             if not self._frames:
-                return []  # timed out
+                return []  # timed out (or interrupted)
         frames = list(self._frames)
         self._drop_buffered()
         return frames
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._wake()
+        else:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+
+    def cancel_timer(self) -> None:
+        """The reader is done with this inbox: drop its timer now rather than when it fires."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

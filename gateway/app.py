@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dispatcher.delivery import Inbox
 from dispatcher.errors import APIError, error_body
 from dispatcher.metrics import UNKNOWN_MODEL, gateway_metrics
 from dispatcher.settings import GatewaySettings
@@ -28,7 +28,7 @@ from gateway.ledger import close_ledger, record_refusal
 from gateway.limits import RateLimiter
 from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
-from gateway.relay import SSE_HEADERS, Relay, race_disconnect
+from gateway.relay import ClientWatch, Relay, SSEResponse
 from gateway.requests import parse_head
 
 log = logging.getLogger("dispatcher.gateway")
@@ -65,51 +65,53 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     }
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent
-    publish = asyncio.ensure_future(
-        asyncio.wait_for(
-            broker.publish(
-                request_id,
-                model,
-                body,
-                priority=priority,
-                headers=headers,
-                expiration=settings.queue_timeout,  # type: ignore[arg-type]
-            ),
-            settings.publish_timeout,
-        )
-    )
+
+    async def publish() -> Inbox:
+        async with asyncio.timeout(settings.publish_timeout):  # a blocked broker must not hold us
+            return await broker.publish(
+                request_id, model, body, priority=priority, headers=headers, expiration=settings.queue_timeout
+            )
+
+    watch = ClientWatch(request.receive)  # one watcher for the request's whole life
+    streaming = False
     try:
-        inbox = await race_disconnect(request.receive, publish)  # a blocked broker must not hold us
-    except TimeoutError:
-        admission.finish()
-        raise APIError(503, "The message broker is not accepting requests right now; retry later.") from None
-    except BaseException:
-        admission.finish()
-        raise
-    if inbox is None:  # the client left while we published
-        admission.finish()
-        return Response(b"", status_code=499)
-    record.model = model
-    exchange = Relay(
-        broker,
-        inbox,
-        queue_deadline=time.monotonic() + settings.queue_timeout,
-        idle_timeout=settings.idle_timeout,
-        keepalive_interval=settings.keepalive_interval,
-        on_accepted=admission.accepted,
-        on_close=[admission.release, record.finished],
-    )
-    record.published()
-    response_headers = {"x-request-id": request_id, **admission.headers}
-    if head.stream and endpoint != "embeddings":
-        return await _streamed(request, exchange, response_headers)
-    return await _whole(request, exchange, response_headers)
+        try:
+            inbox = await watch.race(asyncio.ensure_future(publish()))
+        except TimeoutError:
+            admission.finish()
+            raise APIError(503, "The message broker is not accepting requests right now; retry later.") from None
+        except BaseException:
+            admission.finish()
+            raise
+        if inbox is None:  # the client left while we published
+            admission.finish()
+            return Response(b"", status_code=499)
+        record.model = model
+        exchange = Relay(
+            broker,
+            inbox,
+            queue_deadline=time.monotonic() + settings.queue_timeout,
+            idle_timeout=settings.idle_timeout,
+            keepalive_interval=settings.keepalive_interval,
+            on_accepted=admission.accepted,
+            on_close=[admission.release, record.finished],
+        )
+        record.published()
+        response_headers = {"x-request-id": request_id, **admission.headers}
+        if head.stream and endpoint != "embeddings":
+            response = await _streamed(watch, exchange, response_headers)
+            streaming = isinstance(response, SSEResponse)  # the stream stops the watch when it ends
+            return response
+        return await _whole(watch, exchange, response_headers)
+    finally:
+        if not streaming:
+            watch.stop()
 
 
-async def _streamed(request: Request, exchange: Relay, headers: dict[str, str]) -> Response:
+async def _streamed(watch: ClientWatch, exchange: Relay, headers: dict[str, str]) -> Response:
     try:
         head = asyncio.ensure_future(exchange.head(commit_after=exchange.keepalive_interval))
-        result = await race_disconnect(request.receive, head)
+        result = await watch.race(head)
     except APIError as exc:
         exchange.outcome.status = exc.status  # queue timeout or lost worker: an error, not a cancel
         exchange.close()
@@ -125,21 +127,16 @@ async def _streamed(request: Request, exchange: Relay, headers: dict[str, str]) 
         body = await exchange.body(frames)
         exchange.close()
         return Response(body, status_code=status, media_type=JSON, headers=headers)
-    return Stream(
-        exchange.sse(frames),
-        # Litestar appends "; charset=utf-8" to text types itself.
-        media_type=content_type.split(";")[0].strip() or "text/event-stream",
-        headers={**SSE_HEADERS, **headers},
-    )
+    return SSEResponse(exchange, watch, frames, content_type.split(";")[0].strip() or "text/event-stream", headers)
 
 
-async def _whole(request: Request, exchange: Relay, headers: dict[str, str]) -> Response:
+async def _whole(watch: ClientWatch, exchange: Relay, headers: dict[str, str]) -> Response:
     async def answer() -> tuple[int, str, bytes]:
         status, content_type, frames = await exchange.head(commit_after=None)
         return status, content_type, await exchange.body(frames)
 
     try:
-        result = await race_disconnect(request.receive, asyncio.ensure_future(answer()))
+        result = await watch.race(asyncio.ensure_future(answer()))
     except APIError as exc:
         exchange.outcome.status = exc.status
         raise

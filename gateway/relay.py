@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from litestar import Response
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from dispatcher.delivery import Inbox
 from dispatcher.errors import APIError
@@ -60,15 +63,21 @@ class Relay:
 
     async def next_frames(self, timeout: float) -> list[Frame]:
         """Frames as they come; raises APIError when the request waited or idled too long."""
-        frames = [f for f in await self.inbox.next_frames(timeout) if self.inbox.current(f)]
+        inbox = self.inbox
+        frames = await inbox.next_frames(timeout)
         now = time.monotonic()
         if frames:
+            attempt = inbox.attempt
+            if any(f.attempt != attempt and f.attempt for f in frames):
+                frames = [f for f in frames if inbox.current(f)]
             self._last_frame_at = now
-            for frame in frames:
-                if frame.kind is Kind.ACCEPTED and self.outcome.queue_wait is None:
-                    self.outcome.queue_wait = now - self.started_at
-                    if self.on_accepted is not None:
-                        self.on_accepted()
+            if self.outcome.queue_wait is None:
+                for frame in frames:
+                    if frame.kind is Kind.ACCEPTED:
+                        self.outcome.queue_wait = now - self.started_at
+                        if self.on_accepted is not None:
+                            self.on_accepted()
+                        break
             return frames
         if self.inbox.accepted_at is None:  # (back) in the queue
             if now >= self.queue_deadline:
@@ -125,40 +134,52 @@ class Relay:
                     return frame.data
             frames = await self.next_frames(self._wait_time())
 
-    async def sse(self, frames: list[Frame]) -> AsyncIterator[bytes]:
-        """The SSE byte stream: vLLM's events verbatim, keep-alive comments while queued."""
+    async def stream(self, send: Send, watch: ClientWatch, frames: list[Frame]) -> None:
+        """Write the SSE body to the client: vLLM's events verbatim, one ASGI message per batch of
+        frames (this loop runs once per token per stream, so it stays flat: no generator layers);
+        keep-alive comments while queued. The client leaving ends it (and cancels the work)."""
+        watch.on_gone(self._client_gone)
+        outcome, inbox = self.outcome, self.inbox
         try:
-            while True:
+            while not self._closed:
                 out: list[bytes] = []
                 for frame in frames:
-                    if frame.kind is Kind.DATA:
-                        if self.inbox.commit(frame):  # the first body byte commits us to its attempt
+                    kind = frame.kind
+                    if kind is Kind.DATA:
+                        if inbox.commit(frame):  # the first body byte commits us to its attempt
                             out.append(frame.data)
-                    elif frame.kind is Kind.END:
+                    elif kind is Kind.END:
                         self._finish(frame)
-                    elif frame.kind is Kind.ERROR:
+                    elif kind is Kind.ERROR:
                         out.append(b"data: " + frame.data + b"\n\n" + DONE)
-                        self.outcome.status = frame.status or 502  # an error, even after a 200 head
-                        self.outcome.completed = True
-                    elif frame.kind is Kind.HEAD:
-                        self.outcome.status = frame.status
+                        outcome.status = frame.status or 502  # an error, even after a 200 head
+                        outcome.completed = True
+                    elif kind is Kind.HEAD:
+                        outcome.status = frame.status
                 if out:
-                    if self.outcome.first_byte_at is None:
-                        self.outcome.first_byte_at = time.monotonic()
-                    yield b"".join(out)
-                if self.outcome.completed:
-                    return
+                    if outcome.first_byte_at is None:
+                        outcome.first_byte_at = time.monotonic()
+                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                if outcome.completed:
+                    break
                 try:
                     frames = await self.next_frames(self._wait_time())
                 except APIError as exc:
-                    self.outcome.status = exc.status
-                    self.outcome.completed = True
-                    yield b"data: " + exc.body() + b"\n\n" + DONE
-                    return
-                if not frames and self.inbox.accepted_at is None:
-                    yield KEEPALIVE
+                    outcome.status = exc.status
+                    outcome.completed = True
+                    body = b"data: " + exc.body() + b"\n\n" + DONE
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    break
+                if not frames and inbox.accepted_at is None and not self._closed:
+                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watch.stop()
             self.close()
+
+    def _client_gone(self) -> None:
+        self.close()  # the worker stops; the stream loop wakes and ends
+        self.inbox.interrupt()
 
     def _finish(self, frame: Frame) -> None:
         self.outcome.completed = True
@@ -171,29 +192,65 @@ class Relay:
         if self._closed:
             return
         self._closed = True
+        self.inbox.cancel_timer()
         self.broker.finish(self.inbox.request_id, cancel=not self.outcome.completed)
         hooks, self.on_close = self.on_close, []
         for hook in hooks:
             hook(self)
 
 
-async def wait_for_disconnect(receive: object) -> None:
-    """Return when the HTTP client goes away (the body has been read already)."""
+class SSEResponse(Response[bytes]):
+    """A committed stream, answered by ``Relay.stream`` itself rather than by Litestar's ``Stream``,
+    whose task group and iterator layers cost more than the rest of the hop for every token."""
+
+    def __init__(
+        self, relay: Relay, watch: ClientWatch, frames: list[Frame], media_type: str, headers: dict[str, str]
+    ) -> None:
+        super().__init__(b"", media_type=media_type)
+        self.relay = relay
+        self.watch = watch
+        self.frames = frames
+        self.extra_headers = {**SSE_HEADERS, **headers}
+
+    def to_asgi_response(self, app: object, request: object, **_: object) -> ASGIApp:  # type: ignore[override]
+        content_type = self.media_type if "charset" in self.media_type else f"{self.media_type}; charset=utf-8"
+        raw_headers = [(b"content-type", content_type.encode("latin-1"))] + [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.extra_headers.items()
+        ]
+
+        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            await self.relay.stream(send, self.watch, self.frames)
+
+        return respond
+
+
+class ClientWatch:
+    """Notices the HTTP client leaving, with one task for the whole request (publish, queue, stream).
+
+    Created once the body has been read; whoever ends the request calls ``stop``.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+
+    async def race(self, work: asyncio.Future[T]) -> T | None:
+        """Await ``work`` unless the client disconnects first (then cancel it and return None)."""
+        done, _ = await asyncio.wait((work, self.gone), return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()
+        return None
+
+    def on_gone(self, callback: Callable[[], None]) -> None:
+        self.gone.add_done_callback(lambda gone: gone.cancelled() or callback())
+
+    def stop(self) -> None:
+        self.gone.cancel()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
     while True:
-        message = await receive()  # type: ignore[operator]
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def race_disconnect(receive: object, work: asyncio.Future[T]) -> T | None:
-    """Await ``work`` unless the client disconnects first (then cancel it and return None)."""
-    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if work in done:
-        return work.result()
-    work.cancel()
-    return None
-
