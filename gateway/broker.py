@@ -26,6 +26,7 @@ import uuid
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
 
 from dispatcher.amqp import BrokerLink, declare_model_queue
@@ -135,8 +136,10 @@ class GatewayBroker:
     async def _setup_replies(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self.replies.watch(channel)
-        reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
-        await reply_queue.consume(self._on_reply, no_ack=True)
+        # Consumed on the underlying aiormq channel: aio-pika's consumer would add a task and an
+        # IncomingMessage per reply batch, and there are hundreds of batches a second.
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
         # Configured models get their queues now: their requests wait there while no worker runs.
         arguments = queue_arguments(self.settings.max_queue_length, self.settings.queue_type)
         for model in sorted(self.registry.configured):
@@ -249,8 +252,8 @@ class GatewayBroker:
         except Exception as exc:  # best effort: a cancel lost with the broker is moot anyway
             log.warning("could not publish a control message: %s", exc)
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        # Called for every batch of frames: keep it free of awaits on slow things.
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        # Called for every batch of frames: keep it free of awaits.
         try:
             frames = frames_decoder.decode(message.body)
         except Exception:
