@@ -234,12 +234,15 @@ class ClientWatch:
     def __init__(self, receive: Receive) -> None:
         self.gone = asyncio.ensure_future(_wait_for_disconnect(receive))
 
-    async def race(self, work: asyncio.Future[T]) -> T | None:
-        """Await ``work`` unless the client disconnects first (then cancel it and return None)."""
-        done, _ = await asyncio.wait((work, self.gone), return_when=asyncio.FIRST_COMPLETED)
+    async def race(self, work: asyncio.Future[T], timeout: float | None = None) -> T | None:
+        """Await ``work`` unless the client disconnects first (then cancel it and return None).
+        Past ``timeout`` seconds, cancel it and raise TimeoutError."""
+        done, _ = await asyncio.wait((work, self.gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             return work.result()
         work.cancel()
+        if not done:
+            raise TimeoutError
         return None
 
     def on_gone(self, callback: Callable[[], None]) -> None:

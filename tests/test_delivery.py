@@ -48,6 +48,7 @@ STALL_TIMEOUT = 1.5
 # The issue's bound on generation for nobody is 1 s; 0.5 s more is scheduling slack on a 2-core box
 # that runs several test suites at once. Each test prints what it measured.
 NOBODY_LIMIT = 1.5
+PUBLISH_TIMEOUT = 2.0
 TOKENS = 200  # 2 s of generation at 10 ms a token: long enough to cut it in the middle
 SLOTS = 2  # per worker
 HANG_AFTER = TOKENS * 0.011 + IDLE_TIMEOUT + 4.0
@@ -112,6 +113,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             "DISPATCHER_GATEWAY_WORKERS": "1",  # one process: its broker connections are its own
             "DISPATCHER_PRIORITY_HEADROOM": "0",  # one lane: a worker runs SLOTS requests at once
             "DISPATCHER_QUEUE_TIMEOUT": "30",
+            "DISPATCHER_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
         },
     )
     rig = Rig(stack, worker_proxy, gateway_proxy)
@@ -282,6 +284,29 @@ async def test_gateway_connection_cut_mid_stream_aborts_vllm(rig: Rig) -> None:
         # worker must stop within the limit of the stream's end (the latest the cut can have been).
         await judged(http, rig, result, reference, user, min(result.ended_at, cut_done))
         await answered_after(http, stack, rig.token, user + "-after")
+
+
+async def test_publish_to_a_stalled_broker_gives_up_with_503(rig: Rig) -> None:
+    """The gateway's broker link black-holes (a proxy stops forwarding, the socket stays open): a
+    request's publish is never confirmed, and the client gets a 503 after the publish timeout rather
+    than hanging; requests are served again once the link recovers."""
+    stack, gateway = rig.stack, rig.gateways[0]
+    links = rig.gateway_proxy.links_of(gateway.popen.pid)
+    async with httpx.AsyncClient(timeout=60) as http:
+        stalled_at = time.monotonic()
+        assert rig.gateway_proxy.stall(links) >= 1
+        try:
+            response = await post(http, stack, seeded("stalled-publish", 3, model=stack.model), rig.token)
+        finally:
+            rig.gateway_proxy.resume(links)
+        waited = time.monotonic() - stalled_at
+        print(f"\nstalled broker link: {response.status_code} after {waited:.2f} s")
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["message"] == (
+            "The message broker is not accepting requests right now; retry later."
+        )
+        assert PUBLISH_TIMEOUT <= waited < PUBLISH_TIMEOUT + 3
+        await answered_after(http, stack, rig.token, "stalled-publish-after")
 
 
 async def test_requests_right_after_a_gateway_reconnect_are_served(rig: Rig) -> None:
