@@ -137,3 +137,47 @@ async def _stats(client: VLLMClient) -> dict[str, int]:
     async with httpx.AsyncClient(timeout=2) as http:
         response = await http.get(client.root_url + "/sim/stats")
     return response.json()
+
+
+async def test_events_split_across_reads_and_several_per_read() -> None:
+    """``UpstreamResponse.events``: whole events exactly as sent, whatever the TCP reads look like."""
+    pieces = [
+        b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: {"c"',  # two whole events and the start of one
+        b": 3}\n",  # still not whole
+        b"\ndata: [DONE]\n\n",  # ends it, and one more
+        b"\n\n: comment\n\ndata: tail",  # an empty event, a comment, an unterminated last event
+    ]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)  # one read each
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = VLLMClient(f"http://127.0.0.1:{port}/v1")
+    try:
+        async with client.open("chat/completions", b"{}") as upstream:
+            batches = []
+            while (batch := await upstream.events()) is not None:
+                batches.append(batch)
+    finally:
+        await client.close()
+        server.close()
+    events = [event for batch in batches for event in batch]
+    assert events == [
+        b'data: {"a": 1}\n\n',
+        b'data: {"b": 2}\n\n',
+        b'data: {"c": 3}\n\n',
+        b"data: [DONE]\n\n",
+        b"\n\n",
+        b": comment\n\n",
+        b"data: tail",
+    ]
+    assert b"".join(events) == b"".join(pieces)  # every byte forwarded, none changed

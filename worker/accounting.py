@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from dispatcher.metrics import worker_metrics
@@ -22,25 +23,60 @@ class TokenClock:
 
     The first event of any kind is the first token (vLLM sends its role chunk with it); gaps are
     measured between events that carry tokens (not the role chunk, the usage chunk or [DONE]).
+    The gaps are kept here and go into the histogram in one go (``flush``: at the end of the answer,
+    and every ``_FLUSH_EVERY`` gaps of a long one): ``Histogram.observe`` per token took two locked
+    increments each, a noticeable part of the worker's CPU per token.
     """
 
-    __slots__ = ("_itl", "first_at", "last_token_at")
+    __slots__ = ("_gaps", "_itl", "first_at", "last_token_at")
+
+    _FLUSH_EVERY = 256
 
     def __init__(self, itl: Histogram) -> None:
         self._itl = itl
+        self._gaps: list[float] = []
         self.first_at: float | None = None
         self.last_token_at: float | None = None
 
-    def event(self, info: EventInfo) -> None:
-        """One event, as ``worker.events.inspect`` parsed it."""
-        now = time.monotonic()
+    def event(self, info: EventInfo, now: float) -> None:
+        """One event, as ``worker.events.inspect`` parsed it, received at ``now`` (monotonic): the
+        events of one network read share the caller's one clock reading."""
         if self.first_at is None:
             self.first_at = now
         if not info.tokens:  # a role chunk, the usage chunk, [DONE]
             return
         if self.last_token_at is not None:
-            self._itl.observe(now - self.last_token_at)
+            self._gaps.append(now - self.last_token_at)
+            if len(self._gaps) >= self._FLUSH_EVERY:
+                self.flush()
         self.last_token_at = now
+
+    def flush(self) -> None:
+        """Put the gaps measured so far into the histogram."""
+        gaps, self._gaps = self._gaps, []
+        if gaps:
+            observe_many(self._itl, gaps)
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for each value, as one increment per bucket and one of the sum.
+
+    Uses prometheus_client's bucket internals (stable for years); falls back to ``observe`` where
+    they are not there."""
+    bounds: list[float] | None = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe() picks it
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(sum(values))
 
 
 class WorkerAccounting:

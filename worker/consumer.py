@@ -179,4 +179,3 @@ class Consumer:
             declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=5)
             total += declared.declaration_result.message_count or 0
         return total
-

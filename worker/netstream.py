@@ -79,6 +79,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        # The factory runs inside the loop: keep it (asyncio.get_running_loop() per wait costs a getpid()).
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -174,7 +176,7 @@ class _Connection(asyncio.Protocol):
             self.error = _Refused("the connection was closed")
             return
         if timeout is not None:
-            self._watchdog = asyncio.get_running_loop().call_later(timeout, self._check, timeout)
+            self._watchdog = self._loop.call_later(timeout, self._check, timeout)
         assert self.transport is not None
         self.transport.write(data)
 
@@ -187,10 +189,10 @@ class _Connection(asyncio.Protocol):
             self.error = self.error or _TimedOut()
             self._wake()
         else:
-            self._watchdog = asyncio.get_running_loop().call_later(timeout - idle, self._check, timeout)
+            self._watchdog = self._loop.call_later(timeout - idle, self._check, timeout)
 
     async def wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
         try:
             await waiter
         finally:
@@ -246,6 +248,7 @@ class UpstreamResponse:
         self._connection = connection
         self.status_code = connection.status
         self.headers = connection.headers
+        self._partial = b""  # the start of an SSE event whose end has not arrived yet (events())
 
     def _raise(self, error: Exception) -> None:
         if isinstance(error, _TimedOut):
@@ -264,6 +267,39 @@ class UpstreamResponse:
                 self._raise(connection.error)
             else:
                 await connection.wait()
+
+    async def events(self) -> list[bytes] | None:
+        """The SSE events completed by the bytes that arrived since the last call, each exactly as the
+        server sent it (with its trailing blank line); waits for bytes if none are there. The list is
+        empty when only part of an event came; None once the body has ended (an unterminated last
+        event is returned before that).
+
+        One call per wake-up hands over everything that arrived (several events per read, or one
+        split across reads), so a stream costs one await per network read, not a generator chain
+        per event."""
+        connection = self._connection
+        while not connection.chunks:
+            if connection.complete:
+                rest, self._partial = self._partial, b""
+                return [rest] if rest.strip() else None
+            if connection.error is not None:
+                self._raise(connection.error)
+            await connection.wait()
+        data = connection.take()
+        if self._partial:
+            data = self._partial + data
+        end = data.find(b"\n\n")
+        if end == len(data) - 2:  # the usual case: one whole event
+            self._partial = b""
+            return [data]
+        events = []
+        start = 0
+        while end >= 0:
+            events.append(data[start : end + 2])
+            start = end + 2
+            end = data.find(b"\n\n", start)
+        self._partial = data[start:]
+        return events
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body (at most ``limit`` bytes, if given)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -28,6 +29,9 @@ async def serve(settings: WorkerSettings) -> None:
     http = asyncio.create_task(_serve_http(server))
     await asyncio.sleep(0)  # let uvicorn try to bind before anything else starts
     await worker.start()
+    # What exists now (modules, settings, connections) lives as long as the process: keep it out of
+    # the collector's full passes, which otherwise walk it all again and again under load.
+    gc.freeze()
     http.add_done_callback(lambda _: stop.set())  # uvicorn gave up (port taken): stop as well
     await stop.wait()
     if http.done() and not server.should_exit:

@@ -29,7 +29,7 @@ from worker.events import Usage
 from worker.job import Job
 from worker.replies import ReplySender
 from worker.tenancy import salt_body, salt_key
-from worker.vllm import VLLMClient, sse_events
+from worker.vllm import VLLMClient
 
 log = logging.getLogger("dispatcher.worker")
 
@@ -117,17 +117,19 @@ class JobRunner:
                     job.last_upstream_at = time.monotonic()
                     self.send(job, Kind.HEAD, upstream.headers.get("content-type", "").encode(), upstream.status_code)
                     if stream:
-                        async for event in sse_events(upstream):
-                            job.last_upstream_at = time.monotonic()
-                            info = events.inspect(event)  # decide on parsed JSON; forward the bytes
-                            clock.event(info)
-                            if info.usage is not None:
-                                usage = info.usage
-                                if info.usage_only and not wants_usage:
-                                    continue
-                            if info.tokens:
-                                chunks += 1
-                            self.send(job, Kind.DATA, event)
+                        # One wake-up per network read: every whole event it completed, in order.
+                        while (batch := await upstream.events()) is not None:
+                            now = job.last_upstream_at = time.monotonic()  # partial events count too
+                            for event in batch:
+                                info = events.inspect(event)  # decide on parsed JSON; forward the bytes
+                                clock.event(info, now)
+                                if info.usage is not None:
+                                    usage = info.usage
+                                    if info.usage_only and not wants_usage:
+                                        continue
+                                if info.tokens:
+                                    chunks += 1
+                                self.send(job, Kind.DATA, event)
                     else:
                         data = await upstream.read()
                         usage = events.body_usage(data)
@@ -224,6 +226,8 @@ class JobRunner:
         the ack, so an answered request always has its record, whatever fails next; END is on its
         way before the ack: acked and not sent would be a request nobody answers and nobody retries.
         """
+        if clock is not None:
+            clock.flush()  # the answer's inter-token gaps into the histogram, however it ended
         if job.settled:
             return
         job.settled = True

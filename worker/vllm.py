@@ -70,17 +70,6 @@ class VLLMClient:
 
 async def sse_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
     """Whole SSE events, each with its trailing blank line, exactly as the server sent them."""
-    buffer = b""
-    async for chunk in response.iter_bytes():
-        if not buffer and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
-            yield chunk  # the usual case: one whole event per chunk
-            continue
-        buffer += chunk
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            yield buffer[: end + 2]
-            buffer = buffer[end + 2 :]
-    if buffer.strip():
-        yield buffer
+    while (batch := await response.events()) is not None:
+        for event in batch:
+            yield event
