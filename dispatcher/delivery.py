@@ -61,6 +61,7 @@ class Inbox:
         "_buffered_bytes",
         "_deadline",
         "_frames",
+        "_loop",
         "_next_seq",
         "_timer",
         "_waiter",
@@ -89,6 +90,7 @@ class Inbox:
         self._waiter: asyncio.Future[None] | None = None  # set while the relay waits for frames
         self._deadline: float | None = None  # loop time at which the current wait times out
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Called by the gateway's sweep when nobody has read this inbox for too long.
         self.on_abandon: Callable[[], None] | None = None
 
@@ -193,7 +195,9 @@ class Inbox:
             # A bare future: asyncio.wait_for would wrap every wait in a new task, and this runs once
             # per batch of frames per stream. The timer is kept across waits and re-armed only when
             # it fires early (a stream's deadline moves on with every token), not made per wait.
-            loop = asyncio.get_running_loop()
+            # Kept: on Python 3.11 every get_running_loop() is a getpid() system call, per token here.
+            loop = self._loop or asyncio.get_running_loop()
+            self._loop = loop
             waiter = self._waiter = loop.create_future()
             if timeout is not None:
                 self._deadline = deadline = loop.time() + timeout
@@ -218,7 +222,7 @@ class Inbox:
         self._timer = None
         if self._waiter is None or self._deadline is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         if loop.time() >= self._deadline:
             self._wake()
         else:
