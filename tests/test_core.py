@@ -87,6 +87,8 @@ def test_sse_bytes_identical_to_direct(stack: Stack, endpoint: str, include_usag
     assert relayed.status_code == direct.status_code == 200
     assert relayed.headers["content-type"] == direct.headers["content-type"]
     assert relayed.headers["x-request-id"].startswith("req-")
+    # Proxies (ingress-nginx) must pass each event on at once rather than buffer the stream.
+    assert relayed.headers["cache-control"] == "no-cache" and relayed.headers["x-accel-buffering"] == "no"
     assert _events(relayed.content) == _events(direct.content)
     assert relayed.content.endswith(b"data: [DONE]\n\n")
 
