@@ -160,7 +160,7 @@ class Relay:
                     if outcome.first_byte_at is None:
                         outcome.first_byte_at = time.monotonic()
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                if outcome.completed:
+                if outcome.completed or self._closed:  # closed: the client left during a send
                     break
                 try:
                     frames = await self.next_frames(self._wait_time())
