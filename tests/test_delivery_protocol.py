@@ -1,8 +1,11 @@
-"""The reply protocol's state machine (dispatcher/delivery.py), frame by frame, without a broker."""
+"""The reply protocol's state machine (dispatcher/delivery.py) and the gateway's reader of it, without a broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from typing import Any
 
 import pytest
 
@@ -102,3 +105,45 @@ async def test_fail_names_the_attempt_to_stop_once() -> None:
     feed(inbox, frames_of(a, Kind.ACCEPTED))
     assert inbox.fail(503, "broker lost") == "w.1"
     assert inbox.fail(503, "again") == ""
+
+
+# -- the gateway's reader of an inbox (gateway/relay.py) ---------------------------------------------
+
+
+class _Broker:
+    """What a Relay needs of the gateway's broker: forgetting a request (and whether to cancel it)."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, bool]] = []
+
+    def finish(self, request_id: str, *, cancel: bool) -> None:
+        self.finished.append((request_id, cancel))
+
+
+async def test_a_client_leaving_during_a_blocked_write_ends_the_stream_at_once() -> None:
+    """The client stops reading (its socket fills, the write waits), then hangs up: the stream ends as
+    soon as the write returns, the work is cancelled, and nothing waits for the idle timeout."""
+    from gateway.relay import ClientWatch, Relay
+
+    inbox, a, broker = Inbox(RID, "m"), Attempt("w.1"), _Broker()
+    relay = Relay(broker, inbox, queue_deadline=time.monotonic() + 60, idle_timeout=60, keepalive_interval=60)  # type: ignore[arg-type]
+    feed(inbox, frames_of(a, Kind.ACCEPTED, Kind.HEAD, Kind.DATA))
+    socket_full, hung_up = asyncio.Event(), asyncio.Event()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        await socket_full.wait()  # uvicorn's send waits for the socket to drain, or for the connection to end
+
+    async def receive() -> Any:
+        await hung_up.wait()
+        return {"type": "http.disconnect"}
+
+    stream = asyncio.create_task(relay.stream(send, ClientWatch(receive), await drain(inbox)))
+    await asyncio.sleep(0.01)
+    assert len(sent) == 1  # blocked in the first write
+    hung_up.set()
+    await asyncio.sleep(0.01)
+    socket_full.set()  # the connection is gone: the write returns
+    await asyncio.wait_for(stream, 2.0)
+    assert broker.finished == [(RID, True)]
