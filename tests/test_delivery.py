@@ -208,6 +208,18 @@ def _free_slots(worker: Process) -> int:
         return int(json.loads(exc.read())["free_slots"])
 
 
+async def mid_stream(http: httpx.AsyncClient, rig: Rig, user: str) -> asyncio.Task[tuple[StreamResult, StreamResult]]:
+    """Start ``user``'s stream (and its direct reference) and return once it is generating: the
+    moment to inject a fault."""
+    stack = rig.stack
+    streaming = asyncio.create_task(
+        stream_with_reference(http, stack, seeded(user, model=stack.model), rig.token, HANG_AFTER)
+    )
+    await until_event(http, stack, user, "started")
+    await asyncio.sleep(0.3)
+    return streaming
+
+
 async def answered_after(http: httpx.AsyncClient, stack: Stack, token: str, user: str, timeout: float = 20) -> None:
     """The system serves again after the fault (retrying while it reconnects)."""
     deadline = time.monotonic() + timeout
@@ -232,11 +244,7 @@ async def test_worker_connection_cut_mid_stream_never_repeats(rig: Rig, how: str
     user = f"cut-worker-{how}"
     known = await asyncio.to_thread(broker_connections) if how == "broker-close" else []
     async with httpx.AsyncClient(timeout=60) as http:
-        streaming = asyncio.create_task(
-            stream_with_reference(http, stack, seeded(user, model=stack.model), rig.token, HANG_AFTER)
-        )
-        await until_event(http, stack, user, "started")
-        await asyncio.sleep(0.3)
+        streaming = await mid_stream(http, rig, user)
         links = rig.worker_proxy.links_of(rig.holder().popen.pid)
         cut_at = time.monotonic()
         if how == "broker-close":
@@ -261,11 +269,7 @@ async def test_gateway_connection_cut_mid_stream_aborts_vllm(rig: Rig) -> None:
     user = "cut-gateway"
     known = await asyncio.to_thread(broker_connections)
     async with httpx.AsyncClient(timeout=60) as http:
-        streaming = asyncio.create_task(
-            stream_with_reference(http, stack, seeded(user, model=stack.model), rig.token, HANG_AFTER)
-        )
-        await until_event(http, stack, user, "started")
-        await asyncio.sleep(0.3)
+        streaming = await mid_stream(http, rig, user)
         ports = {link.upstream_port for link in rig.gateway_proxy.links_of(gateway.popen.pid)}
         cut_asked = time.monotonic()
         closed = await asyncio.to_thread(close_broker_connections, ports, "test: cut", known=known)
@@ -344,11 +348,7 @@ async def test_worker_link_stalled_mid_stream(rig: Rig) -> None:
     stack = rig.stack
     user = "stall-worker-link"
     async with httpx.AsyncClient(timeout=60) as http:
-        streaming = asyncio.create_task(
-            stream_with_reference(http, stack, seeded(user, model=stack.model), rig.token, HANG_AFTER)
-        )
-        await until_event(http, stack, user, "started")
-        await asyncio.sleep(0.3)
+        streaming = await mid_stream(http, rig, user)
         links = rig.worker_proxy.links_of(rig.holder().popen.pid)
         stalled_at = time.monotonic()
         assert rig.worker_proxy.stall(links) >= 1
@@ -458,11 +458,7 @@ async def test_worker_killed_mid_stream(rig: Rig) -> None:
     user = "kill-worker"
     assert len(rig.live_workers()) == 2
     async with httpx.AsyncClient(timeout=60) as http:
-        streaming = asyncio.create_task(
-            stream_with_reference(http, stack, seeded(user, model=stack.model), rig.token, HANG_AFTER)
-        )
-        await until_event(http, stack, user, "started")
-        await asyncio.sleep(0.3)
+        streaming = await mid_stream(http, rig, user)
         victim = rig.holder()
         killed_at = time.monotonic()
         victim.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -14,14 +15,21 @@ from tests.stack import Stack, free_port
 from worker.vllm import (
     UpstreamBrokenError,
     UpstreamConnectError,
+    UpstreamResponse,
     UpstreamStatusError,
     VLLMClient,
-    sse_events,
 )
 
 
 def _body(model: str, max_tokens: int, stream: bool = True) -> dict[str, object]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+
+
+async def sse_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Whole SSE events, one by one, as the worker takes them (``UpstreamResponse.events``)."""
+    while (batch := await response.events()) is not None:
+        for event in batch:
+            yield event
 
 
 async def _stream(client: VLLMClient, model: str, max_tokens: int) -> list[bytes]:

@@ -110,22 +110,24 @@ def inspect(event: bytes) -> EventInfo:
     except msgspec.DecodeError:  # ValidationError included: not an object of the expected shape
         return NOT_JSON
     choices = chunk.choices
-    usage = None if chunk.usage is None else _usage(chunk.usage)
+    usage = _usage(chunk.usage)
     finish: tuple[str, ...] = ()
     tokens = False
     if choices:
-        if len(choices) == 1:  # the usual chunk: no generator for one choice (this runs per token)
-            reason = choices[0].finish_reason
-            if reason is not None:
-                finish = (reason,)
-        else:
-            finish = tuple(c.finish_reason for c in choices if c.finish_reason is not None)
+        # A list, not a generator: this runs per token, and a generator costs more than one choice.
+        finish = tuple([c.finish_reason for c in choices if c.finish_reason is not None])
         for c in choices:
             d = c.delta
             if c.text or (d is not None and (d.content or d.reasoning_content or d.reasoning or d.tool_calls)):
                 tokens = True
                 break
-    return EventInfo(usage, usage is not None and not choices, finish, tokens, False, True)
+    return EventInfo(
+        usage=usage,
+        usage_only=usage is not None and not choices,
+        finish_reasons=finish,
+        tokens=tokens,
+        parsed=True,
+    )
 
 
 def body_usage(body: bytes) -> Usage | None:

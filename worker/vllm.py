@@ -8,7 +8,6 @@ types (see ``worker.netstream``), so callers catch ``openai.APIStatusError`` & c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -30,7 +29,6 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "VLLMClient",
-    "sse_events",
 ]
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
@@ -66,10 +64,3 @@ class VLLMClient:
             raise ValueError(f"unknown endpoint {endpoint!r}")
         data = body if isinstance(body, bytes) else _encode(body)
         return self.http.post("/" + endpoint, data, headers)
-
-
-async def sse_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
-    """Whole SSE events, each with its trailing blank line, exactly as the server sent them."""
-    while (batch := await response.events()) is not None:
-        for event in batch:
-            yield event
