@@ -52,7 +52,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     )
     server = DrainingServer(config, on_drain=lambda: app.state.update(draining=True), drain_delay=settings.drain_delay)
     if args.reuse_port:  # one of several processes on this port (see gateway.server.supervise)
-        from gateway.server import reuse_port_socket
+        from dispatcher.processes import reuse_port_socket
 
         server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
     else:
@@ -60,7 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from worker.run import serve
+    from worker.run import serve, supervise
 
     settings = WorkerSettings()
     settings.override(
@@ -71,9 +71,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
         vllm_priority=args.vllm_priority,
         backend=args.backend,
         priority_headroom=args.priority_headroom,
+        processes=args.processes,
     )
     setup_logging(settings.log_level, settings.log_format)
-    _run(serve(settings))
+    if settings.processes > 1 and not args.reuse_port:
+        sys.exit(supervise(settings))
+    _run(serve(settings, reuse_port=args.reuse_port))
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -249,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--priority-headroom",
         help="slots of --max-concurrency kept for high priorities: N, or auto = a third (DISPATCHER_PRIORITY_HEADROOM)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes sharing --max-concurrency and the HTTP port (DISPATCHER_WORKER_PROCESSES, default 1)",
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a child of --processes N
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="run the vLLM simulator")

@@ -53,13 +53,22 @@ class LedgerMetrics:
             "unlogged (the log could not be written: kept in memory only).",
             ["result"],
         )
-        self.pending = Gauge("dispatcher_usage_ledger_pending_records", "Records not confirmed by the stream yet.")
-        self.pending_bytes = Gauge("dispatcher_usage_ledger_pending_bytes", "Bytes of records not confirmed yet.")
+        self.pending = Gauge(
+            "dispatcher_usage_ledger_pending_records",
+            "Records not confirmed by the stream yet.",
+            multiprocess_mode="livesum",
+        )
+        self.pending_bytes = Gauge(
+            "dispatcher_usage_ledger_pending_bytes", "Bytes of records not confirmed yet.", multiprocess_mode="livesum"
+        )
         self.full = Gauge(
             "dispatcher_usage_ledger_full",
             "1 while unconfirmed records exceed DISPATCHER_USAGE_WAL_MAX_BYTES (the worker takes no new requests).",
+            multiprocess_mode="livemax",
         )
-        self.connected = Gauge("dispatcher_usage_ledger_connected", "1 while the usage stream is reachable.")
+        self.connected = Gauge(
+            "dispatcher_usage_ledger_connected", "1 while the usage stream is reachable.", multiprocess_mode="livemin"
+        )
         self.commit_seconds = Histogram(
             "dispatcher_usage_commit_seconds",
             "From a request's end to the stream's confirm of its usage record.",

@@ -110,6 +110,7 @@ class GatewayMetrics:
             "Requests queued or running, seen from this gateway.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
 
 
@@ -152,34 +153,46 @@ class WorkerMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "dispatcher_worker_requests_in_flight", "Requests this worker is running.", ["model"], registry=registry
+            "dispatcher_worker_requests_in_flight",
+            "Requests this worker is running.",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.free_slots = Gauge(
-            "dispatcher_worker_free_slots", "Requests this worker could take now.", ["model"], registry=registry
+            "dispatcher_worker_free_slots",
+            "Requests this worker could take now.",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.vllm_running = Gauge(
             "dispatcher_worker_vllm_requests_running",
             "vLLM's running requests (vllm:num_requests_running) as this worker last read them.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",  # the same server (queue) read by every process
         )
         self.vllm_waiting = Gauge(
             "dispatcher_worker_vllm_requests_waiting",
             "vLLM's waiting requests (vllm:num_requests_waiting) as this worker last read them.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",  # the same server (queue) read by every process
         )
         self.vllm_kv_cache = Gauge(
             "dispatcher_worker_vllm_kv_cache_usage_ratio",
             "vLLM's KV-cache usage, 0..1 (vllm:kv_cache_usage_perc).",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",  # the same server (queue) read by every process
         )
         self.queue_depth = Gauge(
             "dispatcher_queue_depth",
             "Messages ready in the model's RabbitMQ queue (every worker of a model reports it: use max).",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",  # the same server (queue) read by every process
         )
 
 

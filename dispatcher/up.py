@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from dispatcher.processes import die_with_parent
 from dispatcher.settings import CommonSettings
 
 TAIL_LINES = 40
@@ -60,7 +60,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent,
         )
         self.reader = threading.Thread(target=self._relay_output, name=f"{self.name}-output", daemon=True)
         self.reader.start()
@@ -106,16 +106,6 @@ class Child:
             self.reader.join(1.0)  # its output up to the end
         lines = "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
         return f"error: the {self.name} {what}. Its last lines:\n{lines}"
-
-
-# Loaded here, not in the forked child: between fork and exec only a bare C call is safe.
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent (``up``) dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:

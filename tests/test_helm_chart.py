@@ -221,7 +221,7 @@ CASES: dict[str, dict[str, Any]] = {
         "autoscaling": {"enabled": True},
         "config": {"expressPriority": 8},
         "sender": {"resources": {"requests": {"cpu": "1500m", "memory": "512Mi"}}, "config": {"maxQueueLength": 2500}},
-        "consumer": {"config": {"cacheSalt": True, "priorityHeadroom": 4, "backend": "auto"}},
+        "consumer": {"processes": 2, "config": {"cacheSalt": True, "priorityHeadroom": 4, "backend": "auto"}},
         "metrics": {"perTokenLabels": False, "serviceMonitor": {"enabled": True}},
         "ingress": {"enabled": True},
     },
@@ -287,6 +287,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "queue-type": ({"queue": {"type": "lazy"}}, "/queue/type"),
     "backend": ({"consumer": {"config": {"backend": "tgi"}}}, "/consumer/config/backend"),
     "priority-headroom": ({"consumer": {"config": {"priorityHeadroom": "lots"}}}, "/consumer/config/priorityHeadroom"),
+    "worker-processes": ({"consumer": {"processes": 0}}, "/consumer/processes"),
     "cache-salt-string": ({"consumer": {"config": {"cacheSalt": "yes"}}}, "/consumer/config/cacheSalt"),
     "model-name-comma": ({"models": [{"name": "a,b"}]}, "/models/0/name"),
     "rabbitmq-hosts-url": (
@@ -1657,12 +1658,13 @@ def test_worker_priority_backend_and_cache_salt(rendered) -> None:
         assert env["DISPATCHER_PRIORITY_HEADROOM"] == "auto" and env["DISPATCHER_BACKEND"] == "vllm"
         assert env["DISPATCHER_CACHE_SALT"] == "false" and "DISPATCHER_CACHE_SALT_KEY" not in env
         assert env["DISPATCHER_RESERVED_SLOTS"] == "0" and env["DISPATCHER_EXPRESS_PRIORITY"] == "8"
+        assert env["DISPATCHER_WORKER_PROCESSES"] == "1"
     docs = rendered["topology-operator-quorum"]
     secret = one(docs, "Secret", f"{FULLNAME}-cache-salt")
     assert re.fullmatch(r"[A-Za-z0-9]{32}", base64.b64decode(secret["data"]["cache-salt-key"]).decode())
     for env in worker_envs(docs).values():
         assert env["DISPATCHER_PRIORITY_HEADROOM"] == "4" and env["DISPATCHER_BACKEND"] == "auto"
-        assert env["DISPATCHER_CACHE_SALT"] == "true"
+        assert env["DISPATCHER_CACHE_SALT"] == "true" and env["DISPATCHER_WORKER_PROCESSES"] == "2"
         assert env["DISPATCHER_CACHE_SALT_KEY"]["secretKeyRef"] == {
             "name": f"{FULLNAME}-cache-salt",
             "key": "cache-salt-key",

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from dispatcher.processes import multiprocess_registry
 
 if TYPE_CHECKING:
     from worker.main import Worker
@@ -31,8 +33,11 @@ def create_app(worker: Worker) -> Starlette:
         }
         return JSONResponse(status, status_code=200 if worker.ready else 503)
 
+    # One of several processes (--processes N): every sibling's metrics, summed.
+    registry = multiprocess_registry() or REGISTRY
+
     async def metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/health", health), Route("/ready", ready), Route("/metrics", metrics)])
 
