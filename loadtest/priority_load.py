@@ -162,7 +162,9 @@ async def engine_log(sim_url: str) -> list[dict[str, object]]:
 
 
 def split_waits(phase: Phase, log: list[dict[str, object]]) -> dict[str, float]:
-    """Where high requests waited: before vLLM (gateway, RabbitMQ, worker) and inside it (for a batch slot).
+    """Where high requests' time went: before vLLM (gateway, RabbitMQ, worker), inside it until a step
+    admitted them (the running step's end, or a batch slot), that step until their first output, and
+    the way back to the client.
 
     The simulator logs ``time.monotonic()``; the client's clock is the same system-wide CLOCK_MONOTONIC.
     """
@@ -173,8 +175,13 @@ def split_waits(phase: Phase, log: list[dict[str, object]]) -> dict[str, float]:
             at.setdefault(user, {})[str(event["event"])] = float(event["t"])  # type: ignore[arg-type]
     before = [e["queued"] - phase.high_sent_at[u] for u, e in at.items() if "queued" in e]
     inside = [e["started"] - e["queued"] for e in at.values() if "queued" in e and "started" in e]
+    # The step that admitted it, until its first output was written (the simulator's share), then the way
+    # back to the client (the stack's). perf_counter is CLOCK_MONOTONIC too on Linux.
+    step = [e["first_output"] - e["started"] for e in at.values() if "first_output" in e and "started" in e]
+    first = {u: r.first_token_at for u, r in phase.high_results.items()}
+    back = [f - e["first_output"] for u, e in at.items() if "first_output" in e and (f := first.get(u)) is not None]
     out: dict[str, float] = {}
-    for name, values in (("to_vllm", before), ("in_vllm", inside)):
+    for name, values in (("to_vllm", before), ("in_vllm", inside), ("in_step", step), ("back", back)):
         if values:
             out[f"high_wait_{name}_p50"] = round(percentile(values, 0.5), 4)
             out[f"high_wait_{name}_p99"] = round(percentile(values, 0.99), 4)
@@ -396,7 +403,8 @@ def wait_model(gateway_url: str, model: str, timeout: float = 15.0) -> None:
 TABLE_HEADER = (
     "| candidate | lengths | unloaded TTFT | idle twin TTFT | high p50 (/unloaded; /twin) "
     "| high p99 (/unloaded; /twin) "
-    "| low tok/s without / with high | low tok/step without / with | step ms | high wait to / in vLLM p50 |"
+    "| low tok/s without / with high | low tok/step without / with | step ms "
+    "| high p50: to vLLM / waiting in vLLM / first step / back |"
 )
 
 
@@ -416,7 +424,7 @@ def table_rows(report: dict[str, object]) -> list[str]:
             f"{g('low_tokens_per_step_without_high')} / {g('low_tokens_per_step_with_high')} "
             f"({g('low_per_step_with_over_without')})",
             f"{g('step_ms_without_high')} / {g('step_ms_with_high')}",
-            f"{g('high_wait_to_vllm_p50')} / {g('high_wait_in_vllm_p50')}",
+            " / ".join(str(g(f"high_wait_{part}_p50")) for part in ("to_vllm", "in_vllm", "in_step", "back")),
         ]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows

@@ -8,8 +8,9 @@ Test hooks:
 - a body ``"user": "simulate-error-400"`` answers 400 (BadRequestError), ``"simulate-error-500"``
   answers 500 (InternalServerError), before anything is queued;
 - ``GET /sim/stats``: ``started``/``finished``/``aborted``/``running``/``waiting``/``generated_tokens``
-  and ``log`` (last 10,000 ``queued``/``started``/``finished``/``aborted`` events, each with the
-  request id, user, priority and received ``traceparent``); ``POST /sim/reset``
+  and ``log`` (last 10,000 ``queued``/``started``/``first_output`` (streams: the first token's chunk
+  handed to the HTTP layer)/``finished``/``aborted`` events, each with the request id, user, priority,
+  received ``traceparent`` and ``time.monotonic()``); ``POST /sim/reset``
   clears the counters and the log;
 - an ``X-Request-Id`` header names the request in the log (and in the response ids, as vLLM does);
 - ``json_style="spaced"`` (``dispatcher simulate --json-style spaced``) writes JSON the way servers built on
@@ -492,8 +493,10 @@ async def _stream(engine: Engine, seq: Sequence, fmt: _StreamFormat) -> AsyncIte
                 return  # engine shut down under us
             generated = seq.generated
             parts: list[bytes] = []
-            if seen == 0 and fmt.chat and generated:
-                parts.append(fmt.role())  # vLLM sends the role chunk with the first output
+            if seen == 0 and generated:
+                engine.record("first_output", seq)  # where the engine's share of TTFT ends
+                if fmt.chat:
+                    parts.append(fmt.role())  # vLLM sends the role chunk with the first output
             for i in range(seen, generated):
                 parts.append(fmt.token(i))
             seen = generated

@@ -199,7 +199,7 @@ class Engine:
             return
         seq.state = ABORTED
         self.aborted += 1
-        self._record("aborted", seq)
+        self.record("aborted", seq)
         seq._wake()
 
     def reset_stats(self) -> None:
@@ -233,7 +233,7 @@ class Engine:
             self.abort(seq)
         self._waiting.clear()
 
-    def _record(self, event: str, seq: Sequence) -> None:
+    def record(self, event: str, seq: Sequence) -> None:
         self.log.append(
             {
                 "event": event,
@@ -274,7 +274,7 @@ class Engine:
             self._enqueue(victim, victim.arrival if self.policy == "priority" else next(self._front))
             self.preempted += 1
             self.preemptions_total += 1
-            self._record("preempted", victim)
+            self.record("preempted", victim)
             preempted = True
         return preempted
 
@@ -299,11 +299,11 @@ class Engine:
             self._running[seq.arrival] = seq
             new += 1
             if seq.preemptions:
-                self._record("resumed", seq)  # its streamed tokens stay; only its KV is computed again
+                self.record("resumed", seq)  # its streamed tokens stay; only its KV is computed again
                 continue
             self.started += 1
             self.prompt_tokens_total += seq.prompt_tokens
-            self._record("started", seq)
+            self.record("started", seq)
         return new
 
     def plan_step(self) -> float:
@@ -338,7 +338,7 @@ class Engine:
             seq.state = FINISHED
             self.finished += 1
             self.success_total += 1
-            self._record("finished", seq)
+            self.record("finished", seq)
             seq._wake()
         return batch
 
@@ -346,7 +346,7 @@ class Engine:
         """Queue ``seq`` without starting the asyncio loop (for a caller that drives the steps itself)."""
         seq.arrival = next(self._arrivals)
         self._enqueue(seq, seq.arrival)
-        self._record("queued", seq)
+        self.record("queued", seq)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

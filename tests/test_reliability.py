@@ -143,7 +143,7 @@ async def test_worker_killed_before_output_is_redelivered(death_stack: Stack) ->
     assert len(result.text().split()) == 8
     assert sum(1 for d in result.data if d["choices"] and d["choices"][0]["delta"].get("role")) == 1
     # The first copy was aborted with its worker; the second one ran once.
-    assert events_of(log, "redelivered") == ["queued", "aborted", "queued", "started", "finished"]
+    assert events_of(log, "redelivered") == ["queued", "aborted", "queued", "started", "first_output", "finished"]
 
 
 async def test_worker_killed_mid_stream_ends_with_error_event(death_stack: Stack) -> None:
