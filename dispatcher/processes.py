@@ -23,6 +23,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("dispatcher.processes")
 
@@ -123,14 +127,17 @@ def _forget(metrics_dir: str, pid: int) -> None:
     mark_process_dead(pid, metrics_dir)
 
 
-def multiprocess_registry() -> object | None:
-    """In a child of ``supervise``: a registry of every sibling's metrics, summed; else None."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        return None
+def summed_registry(metrics_dir: str) -> CollectorRegistry:
+    """The metrics of every process writing to ``metrics_dir``, summed (gauges by their mode)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path)
+    MultiProcessCollector(registry, path=metrics_dir)
     return registry
+
+
+def multiprocess_registry() -> CollectorRegistry | None:
+    """In a child of ``supervise``: its siblings' metrics and its own, summed; else None."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return summed_registry(path) if path else None

@@ -80,10 +80,8 @@ def supervise(settings: GatewaySettings) -> int:
 def _serve_metrics(settings: GatewaySettings, metrics_dir: str) -> Any:
     if settings.metrics_port <= 0:  # 0: each child answers /metrics on the API port; negative: none at all
         return None
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client import start_http_server
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
+    registry = processes.summed_registry(metrics_dir)
     server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     return server
