@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.calibration import machine_speed
 from loadtest.load import WINDOW_MARK, raise_fd_limit
 from loadtest.services import Sampler, Services
 
@@ -95,9 +96,11 @@ def run_case(
         load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert load.stdout is not None
         summary = b""
+        engine: list[dict[str, Any]] = []  # the simulator's counters at the window's edges
         for line in load.stdout:
             if line.startswith(WINDOW_MARK.encode()):
                 sampler.mark()
+                engine.append(_engine_counters(services.simulator_url))
                 if spy is not None and not direct and line.strip().endswith(b"start"):
                     spies = start_spies(services, spy, case)
             else:
@@ -111,6 +114,11 @@ def run_case(
     result: dict[str, Any] = json.loads(summary)
     result["case"] = asdict(case)
     result["usage"] = {name: asdict(usage) for name, usage in sampler.usage().items()}
+    if len(engine) == 2:  # how the simulator spent the window: batch size, and steps that paid a prefill
+        delta = {key: engine[1][key] - engine[0][key] for key in ("steps", "admitting_steps", "generated_tokens")}
+        steps = max(1, delta["steps"])
+        result["engine_tokens_per_step"] = round(delta["generated_tokens"] / steps, 1)
+        result["engine_admitting_share"] = round(delta["admitting_steps"] / steps, 3)
     if baseline is not None:
         from loadtest.report import subtract_broker_baseline
 
@@ -119,12 +127,19 @@ def run_case(
     extra = ""
     if not direct:
         extra = ", CPU/request: " + ", ".join(f"{name} {costs[name]['per_request_ms']:.2f} ms" for name in costs)
+    if "engine_admitting_share" in result:
+        extra += f", steps admitting: {100 * result['engine_admitting_share']:.0f}%"
     print(
         f" {result['tokens_per_s']:.0f} tokens/s, TTFT p50 {result['ttft_ms']['p50']:.1f} ms, "
         f"inter-token p99 {result['itl_ms']['p99']:.1f} ms, errors {result['errors']}{extra}",
         flush=True,
     )
     return result
+
+
+def _engine_counters(simulator_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(simulator_url + "/sim/stats?log=0", timeout=10) as response:
+        return dict(json.loads(response.read()))
 
 
 def cpu_costs(result: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -216,6 +231,8 @@ def environment(args: argparse.Namespace, profiles: list[Profile]) -> dict[str, 
         "git": _git_head(),
         # Other work on the machine skews latency tails: say how busy it was.
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        # CPU per request differs between machines of one kind: these make two runs comparable.
+        "speed": machine_speed(),
     }
 
 
@@ -298,6 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     raise_fd_limit(max(case.concurrency for _, cases in plans for case in cases) * 2 + 256)
     env = environment(args, [profile for profile, _ in plans])
     env["redis"] = bool(redis_url)
+    speed = env["speed"]
+    print(
+        f"machine: {env['cpu']}, {env['cores']} cores; Python reference loop {speed['python_loop_ms']} ms, "
+        f"loopback round trip {speed['loopback_round_trip_us']} us (loadtest/calibration.py)"
+    )
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
         logs = args.logs or Path(tmp)

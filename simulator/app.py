@@ -7,7 +7,8 @@ Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`
 Test hooks:
 - a body ``"user": "simulate-error-400"`` answers 400 (BadRequestError), ``"simulate-error-500"``
   answers 500 (InternalServerError), before anything is queued;
-- ``GET /sim/stats``: ``started``/``finished``/``aborted``/``running``/``waiting``/``generated_tokens``
+- ``GET /sim/stats``: ``started``/``finished``/``aborted``/``running``/``waiting``/``generated_tokens``/
+  ``steps``/``admitting_steps`` (steps that admitted a sequence, paying the prefill time)
   and ``log`` (last 10,000 ``queued``/``started``/``first_output`` (streams: the first token's chunk
   handed to the HTTP layer)/``finished``/``aborted`` events, each with the request id, user, priority,
   received ``traceparent`` and ``time.monotonic()``); ``POST /sim/reset``
@@ -385,7 +386,8 @@ class Simulator:
         return Response(metrics.render(self.engine, self.model), media_type=metrics.CONTENT_TYPE)
 
     async def sim_stats(self, request: Request) -> Response:
-        return Response(_encode(self.engine.stats()), media_type="application/json")
+        log = request.query_params.get("log") != "0"  # ?log=0: the counters alone, cheap to ask often
+        return Response(_encode(self.engine.stats(log=log)), media_type="application/json")
 
     async def sim_reset(self, request: Request) -> Response:
         self.engine.reset_stats()

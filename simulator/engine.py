@@ -160,6 +160,7 @@ class Engine:
         self.success_total = 0
         self.preemptions_total = 0
         self.steps = 0  # engine steps so far (never reset): per-step figures do not depend on CPU speed
+        self.admitting_steps = 0  # of those, steps that admitted a sequence (and paid prefill_ms)
 
     @property
     def num_running(self) -> int:
@@ -206,7 +207,7 @@ class Engine:
         self.started = self.finished = self.aborted = self.preempted = self.generated_tokens = 0
         self.log.clear()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, log: bool = True) -> dict[str, Any]:
         return {
             "started": self.started,
             "finished": self.finished,
@@ -217,7 +218,8 @@ class Engine:
             "waiting": self.num_waiting,
             "generated_tokens": self.generated_tokens,
             "steps": self.steps,
-            "log": list(self.log),
+            "admitting_steps": self.admitting_steps,
+            **({"log": list(self.log)} if log else {}),
         }
 
     async def aclose(self) -> None:
@@ -316,6 +318,7 @@ class Engine:
         n = len(self._running)
         if not n:
             return 0.0
+        self.admitting_steps += bool(new)
         # Prefill of newly admitted sequences is folded into this step (like chunked prefill).
         return (self.decode_ms + self.decode_ms_per_seq * n + (self.prefill_ms if new else 0.0)) / 1000
 
