@@ -204,4 +204,6 @@ def _test_stop(environment: Environment, **_: Any) -> None:
     print(f"generated tokens: {_Setup.tokens} in {seconds:.1f} s = {rate:.1f} tokens/s", flush=True)
     prefix = environment.parsed_options.csv_prefix if environment.parsed_options else None
     if prefix:
-        Path(f"{prefix}_tokens.csv").write_text(f"tokens,seconds,tokens_per_s\n{_Setup.tokens},{seconds:.3f},{rate:.3f}\n")
+        Path(f"{prefix}_tokens.csv").write_text(
+            f"tokens,seconds,tokens_per_s\n{_Setup.tokens},{seconds:.3f},{rate:.3f}\n"
+        )

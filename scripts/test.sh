@@ -6,6 +6,7 @@ set -euo pipefail
 ensure_test_services
 if [ -f .ci/install-helm.sh ]; then bash .ci/install-helm.sh; fi
 ruff check .
+ruff format --check .
 # llama.cpp's llama-server and a tiny model for tests/test_llamacpp.py: built once into ~/.cache/dispatcher
 # (about 15 min on 2 cores), then reused; exports DISPATCHER_LLAMA_SERVER and DISPATCHER_LLAMA_MODEL.
 llama_env="$(nice -n 19 bash scripts/build-llama-server.sh)"  # a failed build stops here (set -e)

@@ -252,7 +252,6 @@ def spaced_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         run_sync(lambda: delete_stream(stream))
 
 
-
 async def test_backends_probe_the_simulator(spaced_stack: Stack) -> None:
     url = spaced_stack.simulator_url + "/v1"
     vllm = make_backend("vllm", url)

@@ -64,7 +64,6 @@ def start_llama(stack: Stack, alias: str, port: int | None = None, *, wait: bool
     return url
 
 
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """llama-server (2 slots), a worker with --backend llamacpp (4 slots, so it can over-pull), a gateway,

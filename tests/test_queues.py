@@ -98,6 +98,7 @@ async def test_a_full_low_backlog_does_not_lock_out_high_priorities(tmp_path: Pa
         stack.start_gateway()
         low, high = stack.add_token("backlog-low", priority=1), stack.add_token("backlog-high", priority=9)
         async with httpx.AsyncClient(timeout=60) as http:
+
             def ask(user: str) -> asyncio.Task[object]:
                 return asyncio.create_task(read_stream(http, stack, chat(user, 3000, model=stack.model), low))
 

@@ -223,4 +223,3 @@ async def test_queue_timeout_and_full_queue(limits_stack: Stack) -> None:
     assert after.status_code == 200
     # Never served afterwards.
     assert events_of(log, "late-stream") == events_of(log, "late-whole") == events_of(log, "too-many") == []
-

@@ -125,4 +125,3 @@ async def test_broker_restart(broker_stack: tuple[Stack, RabbitNode]) -> None:
     # (3 consumers), its depth-probe channel, its publishing channel and its reply channel.
     channels = node.ctl("list_channels", "name", "consumer_count")
     assert len(channels) == 6 and sum(int(count) for _, count in channels) == 4, channels
-

@@ -71,6 +71,7 @@ async def test_auth_survives_redis_or_sql_outage(make_stack: type[Stack], proxie
             await sql.restore()
             assert (await models(token_c)).status_code == 200
     finally:
+
         async def cleanup() -> None:
             store = TokenStore(postgres)
             try:

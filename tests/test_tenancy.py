@@ -284,9 +284,11 @@ async def test_priority_change_and_revocation_without_restart(tenancy: Stack) ->
             assert await ask(one, f"change-after-1-{attempt}") == 200
             assert await ask(two, f"change-after-2-{attempt}") == 200
             log = await sim_log(http, tenancy)
-            if vllm_priorities(log, f"change-after-1-{attempt}") == vllm_priorities(
-                log, f"change-after-2-{attempt}"
-            ) == [MAX_PRIORITY - 8]:
+            if (
+                vllm_priorities(log, f"change-after-1-{attempt}")
+                == vllm_priorities(log, f"change-after-2-{attempt}")
+                == [MAX_PRIORITY - 8]
+            ):
                 break
             await asyncio.sleep(0.1)
         else:
