@@ -558,3 +558,38 @@ async def test_reserved_slots_start_express_requests_past_a_low_backlog(make_sta
             running += 1 if event["event"] == "started" else -1
             most = max(most, running)
     assert most == 1
+
+
+async def test_a_freed_slot_goes_to_express_once_its_headroom_is_used(make_stack: type[Stack]) -> None:
+    """Every slot busy (the normal lane full, the express lane past its headroom), lows and a high
+    waiting: the slot the next low frees goes to the high, not to whichever queue's consumer the broker
+    served first."""
+    stack = make_stack(env={"DISPATCHER_EXPRESS_PRIORITY": "8", "DISPATCHER_RESERVED_SLOTS": "1"})
+    stack.start_simulator(max_num_seqs=3, decode_ms=10)
+    stack.start_worker(3)  # normal lane 2, express lane up to 3
+    stack.start_gateway()
+    low, high = stack.add_token("claim-low", priority=2), stack.add_token("claim-high", priority=9)
+    url = stack.gateway_url + "/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=60) as http:
+        await http.post(stack.simulator_url + "/sim/reset")
+
+        def ask(user: str, token: str, tokens: int) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(http.post(url, json=chat(stack.model, user, tokens), headers=bearer(token)))
+
+        running = [ask("low-long", low, 400), ask("low-short", low, 150)]
+        await until_logged(http, stack, "started", "low-long")
+        await until_logged(http, stack, "started", "low-short")
+        running.append(ask("high-long", high, 400))  # the headroom's slot
+        await until_logged(http, stack, "started", "high-long")
+        waiting = [ask(f"low-wait-{i}", low, 3) for i in range(2)]
+        await asyncio.sleep(0.2)  # the lows wait in the normal queue before the high joins the express one
+        waiting.append(ask("high-wait", high, 3))
+        await until_logged(http, stack, "finished", "low-short", timeout=30)
+        answers = await asyncio.gather(*running, *waiting)
+        assert all(answer.status_code == 200 for answer in answers)
+        log = await sim_log(http, stack)
+    order = [(e["event"], e["user"]) for e in log if e["event"] in ("started", "finished")]
+    assert order.index(("started", "high-wait")) < order.index(("started", "low-wait-0")), order
+    assert order.index(("started", "high-wait")) < order.index(("started", "low-wait-1")), order
+    # It took the slot low-short freed, not one of the long ones' later.
+    assert order.index(("started", "high-wait")) < order.index(("finished", "low-long")), order

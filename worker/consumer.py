@@ -9,7 +9,8 @@ the other lane freed slots) it is replaced by one with the new room.
 
 Two lanes: the normal queue (at most ``max_concurrency - headroom`` running) and the express queue
 (any free slot): the headroom is room inside the server's batch that a high priority never waits
-for. While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
+for. Once the express lane has used its headroom, a freed slot goes to a waiting express request
+before the normal lane. While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
 
 This runs on its own AMQP connection: a broker memory alarm blocks publishing connections, and
 must not block our acks.
@@ -148,8 +149,9 @@ class Consumer:
                 return
             wanted, free = self.wanted(), self.free()
             try:
+                reserve = await self._express_claim(free) if wanted else 0
                 for index, lane in enumerate(self.lanes):
-                    room = min(lane.cap - lane.running, free) if wanted else 0
+                    room = min(lane.cap - lane.running, free - (reserve if index == 0 else 0)) if wanted else 0
                     if lane.tag is not None and (room <= 0 or room > lane.prefetch - lane.taken):
                         tag, lane.tag = lane.tag, None
                         await lane.queue.cancel(tag)
@@ -159,6 +161,19 @@ class Consumer:
                         lane.tag = await lane.queue.consume(self._deliver(index))
             except Exception as exc:  # broker down: the next connection starts over
                 log.warning("could not change consuming state: %s", type(exc).__name__)
+
+    async def _express_claim(self, free: int) -> int:
+        """Free slots that waiting express requests get before the normal lane.
+
+        Within its headroom the express lane never competes; once it has used the headroom, both lanes
+        want each freed slot, and whichever consumer the broker serves first would take it. Only
+        then the express queue is asked how many wait (one round trip per freed slot, under load).
+        """
+        normal, express = self.lanes
+        headroom = self.settings.max_concurrency - normal.cap
+        if free <= 0 or headroom <= 0 or express.running < headroom or normal.running >= normal.cap:
+            return 0
+        return min(free, await self._ready(express))
 
     def _deliver(self, lane: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def deliver(message: AbstractIncomingMessage) -> None:
@@ -171,11 +186,28 @@ class Consumer:
         not the consuming channel; it is reopened next time)."""
         if self._connection is None or not self.lanes:
             return None
-        channel = self._probe_channel
-        if channel is None or channel.is_closed:
-            channel = self._probe_channel = await self._connection.channel()
+        channel = await self._probe()
         total = 0
         for lane in self.lanes:
             declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=5)
             total += declared.declaration_result.message_count or 0
         return total
+
+    async def _ready(self, lane: Lane) -> int:
+        """Messages ready in one lane's queue; 0 when the broker does not answer quickly."""
+        if self._connection is None:
+            return 0
+        try:
+            channel = await self._probe()
+            declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=1)
+        except Exception as exc:
+            log.debug("could not count a lane's messages: %s", type(exc).__name__)
+            return 0
+        return declared.declaration_result.message_count or 0
+
+    async def _probe(self) -> AbstractChannel:
+        assert self._connection is not None
+        channel = self._probe_channel
+        if channel is None or channel.is_closed:
+            channel = self._probe_channel = await self._connection.channel()
+        return channel
