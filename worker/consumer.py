@@ -151,7 +151,8 @@ class Consumer:
             try:
                 reserve = await self._express_claim(free) if wanted else 0
                 for index, lane in enumerate(self.lanes):
-                    room = min(lane.cap - lane.running, free - (reserve if index == 0 else 0)) if wanted else 0
+                    available = free - reserve if index == 0 else free  # the normal lane leaves the reserve
+                    room = min(lane.cap - lane.running, available) if wanted else 0
                     if lane.tag is not None and (room <= 0 or room > lane.prefetch - lane.taken):
                         tag, lane.tag = lane.tag, None
                         await lane.queue.cancel(tag)
@@ -173,7 +174,12 @@ class Consumer:
         headroom = self.settings.max_concurrency - normal.cap
         if free <= 0 or headroom <= 0 or express.running < headroom or normal.running >= normal.cap:
             return 0
-        return min(free, await self._ready(express))
+        try:
+            waiting = await self._count(express, timeout=1)
+        except Exception as exc:  # no answer at once: nothing reserved, the lanes share as before
+            log.debug("could not count the express lane's messages: %s", type(exc).__name__)
+            return 0
+        return min(free, waiting)
 
     def _deliver(self, lane: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def deliver(message: AbstractIncomingMessage) -> None:
@@ -186,23 +192,12 @@ class Consumer:
         not the consuming channel; it is reopened next time)."""
         if self._connection is None or not self.lanes:
             return None
-        channel = await self._probe()
-        total = 0
-        for lane in self.lanes:
-            declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=5)
-            total += declared.declaration_result.message_count or 0
-        return total
+        return sum([await self._count(lane, timeout=5) for lane in self.lanes])
 
-    async def _ready(self, lane: Lane) -> int:
-        """Messages ready in one lane's queue; 0 when the broker does not answer quickly."""
-        if self._connection is None:
-            return 0
-        try:
-            channel = await self._probe()
-            declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=1)
-        except Exception as exc:
-            log.debug("could not count a lane's messages: %s", type(exc).__name__)
-            return 0
+    async def _count(self, lane: Lane, timeout: float) -> int:
+        """Messages ready in one lane's queue (a passive declare on the probe channel)."""
+        channel = await self._probe()
+        declared = await channel.declare_queue(lane.queue.name, passive=True, timeout=timeout)
         return declared.declaration_result.message_count or 0
 
     async def _probe(self) -> AbstractChannel:
