@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from dispatcher.metrics import broker_metrics
+
 log = logging.getLogger("dispatcher.amqp")
 
 Setup = Callable[[AbstractConnection], Awaitable[None]]
@@ -50,7 +52,9 @@ class BrokerLink:
         *,
         min_delay: float = 0.2,
         max_delay: float = 5.0,
+        role: str = "other",
     ) -> None:
+        """``role``: the metrics' ``link`` label (bounded: a kind of link, not ``name``)."""
         self.urls = split_urls(urls)
         # Spread the processes of a deployment over the nodes; each moves on when its node fails.
         self._next_url = hash(name) % len(self.urls)
@@ -65,6 +69,11 @@ class BrokerLink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._gone: asyncio.Event | None = None
+        metrics = broker_metrics()
+        self._up = metrics.up.labels(role)
+        self._up.inc(0)  # the series exists (at 0) before the first connection
+        self._reconnects = metrics.reconnects.labels(role)
+        self._counted_up = False
 
     @property
     def ready(self) -> bool:
@@ -81,6 +90,7 @@ class BrokerLink:
                 await self._task
         connection, self.connection = self.connection, None
         self.connected.clear()
+        self._count_up(False)
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -127,10 +137,13 @@ class BrokerLink:
             self.connections_made += 1
             delay = self.min_delay
             self.connected.set()
+            self._count_up(True)
             if self.connections_made > 1:
+                self._reconnects.inc()
                 log.info("%s: reconnected to the message broker", self.name)
             await gone.wait()
             self.connected.clear()
+            self._count_up(False)
             self.connection = None
             if self._closing:
                 return
@@ -143,6 +156,11 @@ class BrokerLink:
             with contextlib.suppress(Exception):
                 await connection.close()
             await asyncio.sleep(delay)
+
+    def _count_up(self, up: bool) -> None:
+        if up != self._counted_up:
+            self._counted_up = up
+            self._up.inc(1 if up else -1)
 
 
 def _setter(event: asyncio.Event) -> Callable[..., None]:

@@ -68,6 +68,7 @@ class Inbox:
         "accepted_at",
         "attempt",
         "created_at",
+        "end_reason",
         "max_buffered_bytes",
         "model",
         "on_abandon",
@@ -81,6 +82,7 @@ class Inbox:
         self.model = model
         self.max_buffered_bytes = max_buffered_bytes
         self.state = State.WAITING
+        self.end_reason = ""  # why the gateway ended it itself (metrics): gap, attempt_lost, overflow...
         self.attempt = ""  # the current attempt
         self._next_seq = 0
         self.accepted_at: float | None = None  # monotonic; None while waiting in the queue
@@ -104,7 +106,7 @@ class Inbox:
             return self._other_attempt(frame)
         if frame.seq != self._next_seq:
             # Frames of one attempt travel in order on one channel: a gap means some were lost.
-            self._end(502, "Part of the answer was lost in transit; please retry.")
+            self._end(502, "Part of the answer was lost in transit; please retry.", "gap")
             return [frame.attempt]
         self._next_seq += 1
         if frame.kind is Kind.REQUEUED:
@@ -124,7 +126,7 @@ class Inbox:
         if self.state is State.COMMITTED:
             # The answer was partly sent by an attempt that is gone: repeating it would splice two
             # answers into one stream.
-            self._end(502, "The worker serving this request was lost mid-stream; please retry.")
+            self._end(502, "The worker serving this request was lost mid-stream; please retry.", "attempt_lost")
             return [frame.attempt]
         stale = [self.attempt] if self.attempt else []
         self._drop_buffered()
@@ -139,7 +141,7 @@ class Inbox:
         if self._buffered_bytes > self.max_buffered_bytes and self.state is not State.ENDED:
             # The client reads slower than the answer comes: bound the memory it can pin.
             self._drop_buffered()
-            self._end(502, "The client read the answer too slowly; the stream was stopped.")
+            self._end(502, "The client read the answer too slowly; the stream was stopped.", "overflow")
             return
         self._wake()
 
@@ -147,19 +149,20 @@ class Inbox:
         self._frames.clear()
         self._buffered_bytes = 0
 
-    def _end(self, status: int, message: str) -> None:
+    def _end(self, status: int, message: str, reason: str) -> None:
         """End the request here with an error frame of our own (attempt "")."""
         self.state = State.ENDED
+        self.end_reason = reason
         self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
         self._wake()
 
     # -- from the gateway ----------------------------------------------------------------------
 
-    def fail(self, status: int, message: str) -> str:
+    def fail(self, status: int, message: str, reason: str = "broker_lost") -> str:
         """End the request with an error (broker lost, timeout...). Returns the attempt to stop."""
         attempt = self.attempt if self.state is not State.ENDED else ""
         if self.state is not State.ENDED:
-            self._end(status, message)
+            self._end(status, message, reason)
         return attempt
 
     @property

@@ -69,6 +69,12 @@ class LedgerMetrics:
         self.connected = Gauge(
             "dispatcher_usage_ledger_connected", "1 while the usage stream is reachable.", multiprocess_mode="livemin"
         )
+        self.oldest_pending = Gauge(
+            "dispatcher_usage_ledger_oldest_pending_seconds",
+            "Age of the oldest record the stream has not confirmed (0: none), counted from when this process "
+            "appended or replayed it; updated at least every few seconds while the sender retries.",
+            multiprocess_mode="livemax",
+        )
         self.commit_seconds = Histogram(
             "dispatcher_usage_commit_seconds",
             "From a request's end to the stream's confirm of its usage record.",
@@ -87,11 +93,12 @@ def ledger_metrics() -> LedgerMetrics:
 
 
 class _Entry:
-    __slots__ = ("data", "done", "sent")
+    __slots__ = ("added", "data", "done", "sent")
 
     def __init__(self, data: bytes, done: asyncio.Future[None]) -> None:
         self.data = data
         self.done = done
+        self.added = time.monotonic()
         self.sent = 0.0  # monotonic time of the last write to the stream (0: not written)
 
 
@@ -282,6 +289,7 @@ class Ledger:
     async def _run(self) -> None:
         backoff = 0.5
         while not self._closing:
+            self._update_age()
             try:
                 if self._producer is None or self._broken:
                     await self._disconnect()
@@ -487,8 +495,13 @@ class Ledger:
             self.wal.path if self.wal is not None else "memory",
         )  # fmt: skip
 
+    def _update_age(self) -> None:
+        oldest = next(iter(self._pending.values()), None)
+        self.metrics.oldest_pending.set(0.0 if oldest is None else time.monotonic() - oldest.added)
+
     def _update_gauges(self) -> None:
         metrics = self.metrics
+        self._update_age()
         metrics.pending.set(len(self._pending))
         metrics.pending_bytes.set(self._pending_bytes)
         full = self._pending_bytes > self.max_pending_bytes

@@ -7,7 +7,12 @@ gateway's ``/metrics`` does not list the worker's series and vice versa. Labels 
 
 Outcomes: ``ok`` (answered), ``error`` (vLLM, the worker or a timeout failed it), ``cancelled``
 (the client left), and at the gateway ``rejected`` (refused before it was queued: auth, validation,
-unknown model, full queue, rate limit).
+unknown model, full queue, rate limit). Lanes: ``normal`` and ``express`` (priorities at or above
+``DISPATCHER_EXPRESS_PRIORITY``). Stream end reasons: ``STREAM_END_REASONS``.
+
+The dashboard (deploy/helm/dispatcher/dashboards/) and the alert rules
+(deploy/helm/dispatcher/templates/prometheus-rules.yaml) read these names: tests/test_prometheus.py
+checks every query of both against a real Prometheus scraping a real stack.
 """
 
 from __future__ import annotations
@@ -26,6 +31,28 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 OUTCOMES = ("ok", "error", "cancelled", "rejected")
+LANES = ("normal", "express")
+
+# Why a stream ended (dispatcher_streams_ended_total{reason}); a small fixed set:
+# completed (END), client_left, upstream_error (vLLM or the worker sent an error), queue_timeout,
+# idle (the worker stopped sending, even heartbeats), gap (frames lost in transit), attempt_lost
+# (the attempt that began the answer died after its first byte), overflow (the client read too
+# slowly), broker_lost (the gateway lost its broker connection).
+STREAM_END_REASONS = (
+    "completed", "client_left", "upstream_error", "queue_timeout", "idle", "gap", "attempt_lost", "overflow",
+    "broker_lost",
+)  # fmt: skip
+
+
+@functools.cache
+def _express_priority() -> int:
+    return CommonSettings().express_priority
+
+
+def lane_of(priority: int | None) -> str:
+    """The lane (queue) a priority is published to, as the gateway routes it."""
+    return "express" if priority is not None and priority >= _express_priority() else "normal"
+
 
 # The model label of requests for a model no worker serves: the name itself would let any client
 # create series at will. The gateway's log line carries the name asked for.
@@ -67,8 +94,8 @@ class GatewayMetrics:
         )
         self.queue_wait = Histogram(
             "dispatcher_queue_wait_seconds",
-            "Time from publishing a request to a worker accepting it.",
-            ["model", "priority"],
+            "Time from publishing a request to a worker accepting it, by model, lane and priority.",
+            ["model", "lane", "priority"],
             buckets=WAIT_BUCKETS,
             registry=registry,
         )
@@ -112,6 +139,21 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.streams_ended = Counter(
+            "dispatcher_streams_ended",
+            "Streamed requests that ended, by model and reason (completed, client_left, upstream_error, "
+            "queue_timeout, idle, gap, attempt_lost, overflow, broker_lost).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.cancels = Counter(
+            "dispatcher_cancels",
+            "Requests the client left before their end, by model and stage: queued (no worker had it yet) "
+            "or running (its worker was told to stop).",
+            ["model", "stage"],
+            registry=registry,
+        )
+        dependency_health()  # the gateway is where Redis and SQL are used
 
 
 class WorkerMetrics:
@@ -134,7 +176,7 @@ class WorkerMetrics:
         self.inter_token_latency = Histogram(
             "dispatcher_inter_token_latency_seconds",
             "Time between two consecutive token events of a streamed answer, as the worker receives them.",
-            ["model"],
+            ["model", "priority"],
             buckets=ITL_BUCKETS,
             registry=registry,
         )
@@ -189,11 +231,70 @@ class WorkerMetrics:
         )
         self.queue_depth = Gauge(
             "dispatcher_queue_depth",
-            "Messages ready in the model's RabbitMQ queue (every worker of a model reports it: use max).",
-            ["model"],
+            "Messages ready in the model's RabbitMQ queue of each lane (every worker of a model reports it: use max).",
+            ["model", "lane"],
             registry=registry,
             multiprocess_mode="livemax",  # the same server (queue) read by every process
         )
+
+
+class BrokerMetrics:
+    """The AMQP links of a process (dispatcher/amqp.py), gateway and worker alike. ``link`` is the
+    link's role (gateway-replies, gateway-control, worker-consumer, worker-publisher, worker-replies:
+    one per gateway it answers), never a connection name."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.up = Gauge(
+            "dispatcher_broker_link_up",
+            "Connected AMQP links of this role in this process (1 for every role but worker-replies, "
+            "which has one link per gateway it answers).",
+            ["link"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.reconnects = Counter(
+            "dispatcher_broker_reconnects",
+            "Connections made again after a link's first one (a lost broker connection, a node failover).",
+            ["link"],
+            registry=registry,
+        )
+
+
+# -- dependency health (Redis, SQL) ---------------------------------------------------------------
+# Names shared with the dependency-degraded-mode work (issue "deps"): the dashboard and the alerts
+# read them. Until that lands the series exist at 0; its code sets ``degraded`` to 1 while a
+# dependency is bypassed and counts each bypassed call in ``fallbacks``.
+DEPENDENCIES = ("redis", "sql")
+
+
+class DependencyHealth:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.degraded = Gauge(
+            "dispatcher_dependency_degraded",
+            "1 while a dependency (redis, sql) is bypassed in degraded mode, else 0.",
+            ["dependency"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.fallbacks = Counter(
+            "dispatcher_dependency_fallbacks",
+            "Calls answered without a dependency (redis, sql) because it was unreachable or slow.",
+            ["dependency"],
+            registry=registry,
+        )
+        for dependency in DEPENDENCIES:  # the series exist (at 0) before anything degrades
+            self.degraded.labels(dependency).set(0)
+            self.fallbacks.labels(dependency)
+
+
+@functools.cache
+def dependency_health() -> DependencyHealth:
+    return DependencyHealth()
+
+
+@functools.cache
+def broker_metrics() -> BrokerMetrics:
+    return BrokerMetrics()
 
 
 @functools.cache

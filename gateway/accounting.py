@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from dispatcher.metrics import gateway_metrics
+from dispatcher.metrics import gateway_metrics, lane_of
 from gateway.relay import Outcome, Relay
 
 log = logging.getLogger("dispatcher.gateway.requests")
@@ -23,6 +23,20 @@ def outcome_name(outcome: Outcome) -> str:
     # Not completed: the client left (status 0, or 200 once a stream was committed), or the
     # gateway gave up on it (queue timeout, lost worker: an error status).
     return "error" if outcome.status >= 400 else "cancelled"
+
+
+# The gateway's own errors (gateway/relay.py) as stream end reasons.
+_CODE_REASONS = {"queue_timeout": "queue_timeout", "worker_lost": "idle"}
+
+
+def end_reason(exchange: Relay, name: str) -> str:
+    """Why a stream ended: one of ``dispatcher.metrics.STREAM_END_REASONS``."""
+    if name == "ok":
+        return "completed"
+    if name == "cancelled":
+        return "client_left"
+    outcome = exchange.outcome
+    return _CODE_REASONS.get(outcome.error_code) or exchange.inbox.end_reason or "upstream_error"
 
 
 @dataclass
@@ -51,6 +65,13 @@ class RequestRecord:
         outcome = exchange.outcome
         name = outcome_name(outcome)
         status = outcome.status or (499 if name == "cancelled" else 0)
+        if self.queued:
+            metrics = gateway_metrics()
+            if self.stream:
+                metrics.streams_ended.labels(self.model, end_reason(exchange, name)).inc()
+            if name == "cancelled":
+                stage = "queued" if exchange.inbox.accepted_at is None else "running"
+                metrics.cancels.labels(self.model, stage).inc()
         self._emit(name, status, outcome)
 
     def _emit(self, name: str, status: int, outcome: Outcome) -> None:
@@ -66,7 +87,7 @@ class RequestRecord:
             priority = str(self.priority)
             metrics.duration.labels(self.model, name).observe(duration)
             if outcome.queue_wait is not None:
-                metrics.queue_wait.labels(self.model, priority).observe(outcome.queue_wait)
+                metrics.queue_wait.labels(self.model, lane_of(self.priority), priority).observe(outcome.queue_wait)
             if ttft is not None:
                 metrics.time_to_first_token.labels(self.model, priority).observe(ttft)
             if outcome.prompt_tokens:

@@ -101,10 +101,18 @@ class GatewayBroker:
         self.incarnation = ""  # changes with every reply connection
         self._gone: list[str] = []  # incarnations to announce as gone once the control link is up
         self.replies = BrokerLink(
-            settings.amqp_url, f"dispatcher-gateway-{self.name}", self._setup_replies, self._replies_lost
+            settings.amqp_url,
+            f"dispatcher-gateway-{self.name}",
+            self._setup_replies,
+            self._replies_lost,
+            role="gateway-replies",
         )
         self.control = BrokerLink(
-            settings.amqp_url, f"dispatcher-gateway-{self.name}-control", self._setup_control, self._control_lost
+            settings.amqp_url,
+            f"dispatcher-gateway-{self.name}-control",
+            self._setup_control,
+            self._control_lost,
+            role="gateway-control",
         )
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None  # the same channel, for publishing

@@ -38,6 +38,7 @@ class Outcome:
     completion_tokens: int = 0
     queue_wait: float | None = None
     first_byte_at: float | None = None
+    error_code: str = ""  # the gateway's own error that ended it (queue_timeout, worker_lost), for metrics
 
 
 @dataclass
@@ -81,8 +82,10 @@ class Relay:
             return frames
         if self.inbox.accepted_at is None:  # (back) in the queue
             if now >= self.queue_deadline:
+                self.outcome.error_code = "queue_timeout"
                 raise APIError(504, "The request timed out waiting in the queue.", code="queue_timeout")
         elif now - self._last_frame_at >= self.idle_timeout:
+            self.outcome.error_code = "worker_lost"
             raise APIError(502, "The worker serving this request stopped responding.", code="worker_lost")
         return []
 

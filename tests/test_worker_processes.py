@@ -96,3 +96,59 @@ async def test_two_processes_share_the_server_port_and_metrics(tmp_path) -> None
         await client.close()
     finally:
         stack.close()
+
+
+def _gauge(metrics_url: str, name: str, model: str) -> float:
+    text = _get(metrics_url)
+    found = re.search(rf'^{name}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} (\S+)$', text, re.M)
+    assert found, name
+    return float(found.group(1))
+
+
+async def test_state_gauges_sum_over_processes(tmp_path) -> None:
+    """In flight and free slots with --processes 2: prometheus_client's multiprocess mode ignores
+    ``Gauge.set_function``, so these read 0 until the worker set them itself."""
+    stack = Stack(tmp_path)
+    try:
+        stack.start_simulator(max_num_seqs=16, decode_ms=20)
+        port = free_port()
+        stack.spawn(
+            "worker",
+            "worker", "--model", stack.model, "--vllm-url", stack.simulator_url + "/v1",
+            "--max-concurrency", "8", "--priority-headroom", "0", "--processes", "2", "--http-port", str(port),
+        )  # fmt: skip
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        wait_http(metrics_url.replace("/metrics", "/ready"))
+        stack.start_gateway()
+        token = stack.add_token("gauges", 5)
+        client = openai.AsyncOpenAI(base_url=stack.gateway_url + "/v1", api_key=token, max_retries=0, timeout=60)
+
+        async def long_stream() -> None:
+            stream = await client.chat.completions.create(
+                model=stack.model, messages=[{"role": "user", "content": "hi"}], max_tokens=400, stream=True
+            )
+            async for _ in stream:
+                pass
+
+        # Idle: all 8 slots free over both processes (4 each), nothing in flight.
+        deadline = time.monotonic() + 10
+        while _gauge(metrics_url, "dispatcher_worker_free_slots", stack.model) != 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert _gauge(metrics_url, "dispatcher_worker_free_slots", stack.model) == 8
+        streams = [asyncio.create_task(long_stream()) for _ in range(3)]
+        seen: tuple[float, float] = (0, 0)
+        deadline = time.monotonic() + 10  # each process sets its gauges every probe (0.5 s)
+        while time.monotonic() < deadline and seen != (3, 5):
+            await asyncio.sleep(0.2)
+            seen = (
+                _gauge(metrics_url, "dispatcher_worker_requests_in_flight", stack.model),
+                _gauge(metrics_url, "dispatcher_worker_free_slots", stack.model),
+            )
+        assert seen == (3, 5), seen
+        assert _gauge(metrics_url, "dispatcher_worker_vllm_requests_running", stack.model) >= 1
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        await client.close()
+    finally:
+        stack.close()

@@ -85,10 +85,14 @@ class WorkerAccounting:
         self.worker_id = worker_id
         self.ledger = ledger
         self.metrics = worker_metrics()
-        self._itl = self.metrics.inter_token_latency.labels(model)
+        self._itl: dict[int, Histogram] = {}
+        self._worker: Worker | None = None
 
-    def clock(self) -> TokenClock:
-        return TokenClock(self._itl)
+    def clock(self, priority: int) -> TokenClock:
+        itl = self._itl.get(priority)
+        if itl is None:
+            itl = self._itl[priority] = self.metrics.inter_token_latency.labels(self.model, str(priority))
+        return TokenClock(itl)
 
     async def finish_durably(
         self,
@@ -160,13 +164,20 @@ class WorkerAccounting:
         )
 
     def bind(self, worker: Worker) -> None:
-        """Gauges read from the worker's state at scrape time."""
-        metrics, model = self.metrics, self.model
-        metrics.in_flight.labels(model).set_function(lambda: len(worker.jobs))
-        metrics.free_slots.labels(model).set_function(lambda: worker.free_slots)
-        for gauge, field in (
-            (metrics.vllm_running, "running"),
-            (metrics.vllm_waiting, "waiting"),
-            (metrics.vllm_kv_cache, "kv_usage"),
-        ):
-            gauge.labels(model).set_function(lambda field=field: getattr(worker.vllm_load, field, None) or 0.0)
+        """The worker whose state ``refresh`` copies into the gauges."""
+        self._worker = worker
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the state gauges from the worker: before every scrape, and by the worker every probe
+        (0.5 s). Not ``Gauge.set_function``: prometheus_client's multiprocess mode (``--processes N``)
+        ignores it, and every process's gauge then read 0."""
+        worker = self._worker
+        if worker is None:
+            return
+        metrics, model, load = self.metrics, self.model, worker.vllm_load
+        metrics.in_flight.labels(model).set(len(worker.jobs))
+        metrics.free_slots.labels(model).set(worker.free_slots)
+        metrics.vllm_running.labels(model).set(getattr(load, "running", None) or 0.0)
+        metrics.vllm_waiting.labels(model).set(getattr(load, "waiting", None) or 0.0)
+        metrics.vllm_kv_cache.labels(model).set(getattr(load, "kv_usage", None) or 0.0)

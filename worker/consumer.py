@@ -27,6 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from dispatcher.amqp import BrokerLink, declare_model_queue
+from dispatcher.metrics import LANES
 from dispatcher.settings import WorkerSettings
 from dispatcher.wire import CONTROL_EXCHANGE, queue_arguments, queue_name
 
@@ -65,7 +66,7 @@ class Consumer:
         self.on_lost = on_lost
         self.wanted = wanted  # whether to consume at all (vLLM healthy, not draining...)
         self.free = free  # free slots of the worker as a whole
-        self.link = BrokerLink(settings.amqp_url, name, self._setup, self._lost)
+        self.link = BrokerLink(settings.amqp_url, name, self._setup, self._lost, role="worker-consumer")
         self.lanes: list[Lane] = []
         self._channel: AbstractChannel | None = None
         self._probe_channel: AbstractChannel | None = None
@@ -187,12 +188,12 @@ class Consumer:
 
         return deliver
 
-    async def depth(self) -> int | None:
-        """Ready messages in the model's queues, asked on a channel of its own (a timeout closes it,
-        not the consuming channel; it is reopened next time)."""
+    async def depth(self) -> dict[str, int] | None:
+        """Ready messages in each lane's queue (normal, express), asked on a channel of its own (a
+        timeout closes it, not the consuming channel; it is reopened next time)."""
         if self._connection is None or not self.lanes:
             return None
-        return sum([await self._count(lane, timeout=5) for lane in self.lanes])
+        return {name: await self._count(lane, timeout=5) for name, lane in zip(LANES, self.lanes, strict=False)}
 
     async def _count(self, lane: Lane, timeout: float) -> int:
         """Messages ready in one lane's queue (a passive declare on the probe channel)."""

@@ -37,6 +37,7 @@ def create_app(worker: Worker) -> Starlette:
     registry = multiprocess_registry() or REGISTRY
 
     async def metrics(_: Request) -> Response:
+        worker.accounting.refresh()  # this process's state gauges as of now (its siblings': their last probe)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/health", health), Route("/ready", ready), Route("/metrics", metrics)])

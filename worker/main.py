@@ -92,7 +92,11 @@ class Worker:
             free=lambda: self.free_slots,
         )
         self.publisher = BrokerLink(
-            settings.amqp_url, f"dispatcher-worker-{self.id}-out", self._setup_publisher, self._publisher_lost
+            settings.amqp_url,
+            f"dispatcher-worker-{self.id}-out",
+            self._setup_publisher,
+            self._publisher_lost,
+            role="worker-publisher",
         )
         self._control: aio_pika.abc.AbstractExchange | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -280,16 +284,17 @@ class Worker:
                 self.vllm_healthy = probe.healthy
                 await self._announce()
             self.vllm_load = probe.load
+            self.accounting.refresh()
             self.consumer.changed()
             await asyncio.sleep(interval)
 
     async def _watch_queue_depth(self, interval: float = 2.0) -> None:
-        gauge = self.accounting.metrics.queue_depth.labels(self.settings.model)
+        gauge = self.accounting.metrics.queue_depth
         while True:
             try:
-                depth = await self.consumer.depth()
-                if depth is not None:
-                    gauge.set(depth)
+                depths = await self.consumer.depth()
+                for lane, depth in (depths or {}).items():
+                    gauge.labels(self.settings.model, lane).set(depth)
             except Exception as exc:
                 log.debug("could not read the queue depth: %s", exc)
             await asyncio.sleep(interval)

@@ -33,7 +33,7 @@ class GatewayLink:
 
     def __init__(self, urls: str, name: str) -> None:
         self.channel: AbstractChannel | None = None
-        self.link = BrokerLink(urls, name, self._setup, self._lost)
+        self.link = BrokerLink(urls, name, self._setup, self._lost, role="worker-replies")
         self.link.start()
 
     async def _setup(self, connection: AbstractConnection) -> None:

@@ -107,7 +107,7 @@ class JobRunner:
         try:
             assert job.message is not None
             body, stream, wants_usage = self.request_body(job, job.message.body)
-            clock = self.accounting.clock()
+            clock = self.accounting.clock(job.priority)
             started_at = time.monotonic()
             headers = {"X-Request-Id": job.request_id}
             if job.traceparent:
