@@ -40,6 +40,7 @@ CRD_KINDS = {
     "TriggerAuthentication",
     "ServiceMonitor",
     "PodMonitor",
+    "PrometheusRule",
     "User",
     "Permission",
     "Policy",
@@ -150,6 +151,8 @@ CASES: dict[str, dict[str, Any]] = {
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
             "podMonitor": {"enabled": True},
+            "dashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
         },
         "ingress": {"enabled": True, "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]},
     },
@@ -738,6 +741,47 @@ CRD_SCHEMAS = {
             },
         },
     ),
+    "PrometheusRule": _crd(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": STR,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": STR,
+                                        "record": STR,
+                                        "expr": STR,
+                                        "for": {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"},
+                                        "labels": {"type": "object", "additionalProperties": STR},
+                                        "annotations": {"type": "object", "additionalProperties": STR},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    ),
     # The messaging-topology-operator's resources (rabbitmq.com/v1beta1).
     "User": _crd(
         "rabbitmq.com/v1beta1",
@@ -1195,6 +1239,71 @@ def test_monitoring(rendered) -> None:
         assert ports <= named
     for case in ("defaults", "one-model-postgresql-ingress"):
         assert not objects(rendered[case], "ServiceMonitor") and not objects(rendered[case], "PodMonitor")
+
+
+def test_grafana_dashboard(rendered) -> None:
+    """The dashboard ConfigMap carries the sidecar's label and the generated JSON; the JSON is well formed:
+    rows and panels with unique ids on a 24-column grid, the datasource variable everywhere, a description
+    and a runbook link on every panel."""
+    sys.path.insert(0, str(ROOT / "deploy" / "grafana"))
+    try:
+        import build_dashboard
+    finally:
+        sys.path.pop(0)
+    text = (CHART / "dashboards" / "dispatcher.json").read_text()
+    assert text == build_dashboard.render(), "run: python deploy/grafana/build_dashboard.py"
+    assert (ROOT / "deploy" / "grafana" / "dispatcher-dashboard.json").read_text() == text
+    docs = rendered["two-models-keda-monitoring-mysql"]
+    cm = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "LLM"
+    assert json.loads(cm["data"]["dispatcher.json"]) == json.loads(text)
+    for case in ("defaults", "one-model-postgresql-ingress"):
+        assert not [d for d in objects(rendered[case], "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+        assert not objects(rendered[case], "PrometheusRule")
+    assert one(docs, "PrometheusRule", FULLNAME)["metadata"]["labels"]["release"] == "prom"
+
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["model"]["datasource"]["uid"] == "${datasource}"
+    panels = dashboard["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows == [
+        "Traffic and errors",
+        "Latency by priority",
+        "Queues and lanes",
+        "Workers and inference servers",
+        "Tenants",
+        "Broker, Redis, SQL and ledger health",
+    ]
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", operations, re.M)
+    }
+    occupied: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & occupied, panel["title"]  # no two panels overlap
+        occupied |= cells
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"] and all(
+            t["datasource"]["uid"] == "${datasource}" and t["expr"] for t in panel["targets"]
+        )
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        assert "Runbook: " in panel["description"] and len(panel["description"]) > 60, panel["title"]
+        url = panel["links"][0]["url"]
+        assert url.startswith("https://") and "docs/operations.md" in url
+        if "#" in url:
+            assert url.split("#", 1)[1] in anchors, (panel["title"], url)
 
 
 def test_probes_resources_and_security(rendered) -> None:
