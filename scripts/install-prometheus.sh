@@ -16,7 +16,7 @@ if [ ! -e "$policy" ]; then
   $SUDO chmod +x "$policy"
   own_policy=1
 fi
-trap '[ "$own_policy" = 1 ] && $SUDO rm -f "$policy"' EXIT
+trap 'if [ "$own_policy" = 1 ]; then $SUDO rm -f "$policy"; fi' EXIT
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null

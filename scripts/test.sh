@@ -5,6 +5,8 @@ set -euo pipefail
 . "$(dirname "$0")/setup.sh"
 ensure_test_services
 if [ -f .ci/install-helm.sh ]; then bash .ci/install-helm.sh; fi
+# Prometheus and promtool for tests/test_prometheus.py and tests/test_alerts.py (its service is never started).
+bash scripts/install-prometheus.sh
 ruff check .
 ruff format --check .
 # llama.cpp's llama-server and a tiny model for tests/test_llamacpp.py: built once into ~/.cache/dispatcher
