@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -195,7 +197,7 @@ async def test_every_dashboard_query_has_data_and_alerts_read_real_series(stack:
     prometheus, prom_url = start_prometheus(tmp_path, [gateway, f"127.0.0.1:{worker_port}"], rules)
     load = Load(stack, tokens)
     try:
-        load_started = time.monotonic()
+        load_started, wall_started = time.monotonic(), time.time()
         restarted = False
         while time.monotonic() - load_started < LOAD_SECONDS:
             await load.round()
@@ -243,6 +245,20 @@ async def test_every_dashboard_query_has_data_and_alerts_read_real_series(stack:
         assert {"completed", "client_left", "upstream_error"} <= ended
         assert lanes == {"normal", "express"}
         assert load.counts.get("status 429") and load.counts.get("status 404") and load.counts.get("left")
+        if picture := os.environ.get("DISPATCHER_DASHBOARD_PNG"):  # how docs/dashboard.png is made
+            sys.path.insert(0, str(DASHBOARD.parents[3] / "grafana"))
+            try:
+                import snapshot
+            finally:
+                sys.path.pop(0)
+            snapshot.draw(
+                prom_url,
+                dashboard,
+                {**substitutions, "$__rate_interval": "5s"},
+                wall_started,
+                time.time(),
+                Path(picture),
+            )
     finally:
         await load.close()
         prometheus.terminate()
