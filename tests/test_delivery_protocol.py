@@ -63,7 +63,7 @@ async def test_redelivery_after_output_ends_the_stream_with_an_error_never_a_spl
     assert feed(inbox, frames_of(b, Kind.ACCEPTED, Kind.HEAD, Kind.DATA)) == ["w.1b", "w.1b", "w.1b"]
     got = await drain(inbox)
     assert [f.kind for f in got] == [Kind.ERROR] and "mid-stream" in error_message(got[0])
-    assert inbox.ended
+    assert inbox.ended and inbox.end_reason == "attempt_lost"  # dispatcher_streams_ended_total's reason
 
 
 @pytest.mark.parametrize("order", [[0, 1, 3], [0, 2, 1]], ids=["gap", "reordered"])
@@ -72,7 +72,7 @@ async def test_a_gap_or_reordering_is_never_passed_on(order: list[int]) -> None:
     frames = frames_of(a, Kind.ACCEPTED, Kind.HEAD, Kind.DATA, Kind.DATA)
     feed(inbox, [frames[i] for i in order])
     got = await drain(inbox)
-    assert got[-1].kind is Kind.ERROR and inbox.ended
+    assert got[-1].kind is Kind.ERROR and inbox.ended and inbox.end_reason == "gap"
     assert [f.seq for f in got[:-1]] == list(range(len(got) - 1))  # only the in-order prefix
 
 
@@ -98,6 +98,7 @@ async def test_a_slow_reader_is_bounded() -> None:
     feed(inbox, frames_of(a, Kind.ACCEPTED, *[Kind.DATA] * 20))
     got = await drain(inbox)
     assert [f.kind for f in got] == [Kind.ERROR] and "too slowly" in error_message(got[0])
+    assert inbox.end_reason == "overflow"
 
 
 async def test_fail_names_the_attempt_to_stop_once() -> None:
@@ -105,6 +106,7 @@ async def test_fail_names_the_attempt_to_stop_once() -> None:
     feed(inbox, frames_of(a, Kind.ACCEPTED))
     assert inbox.fail(503, "broker lost") == "w.1"
     assert inbox.fail(503, "again") == ""
+    assert inbox.end_reason == "broker_lost"
 
 
 # -- the gateway's reader of an inbox (gateway/relay.py) ---------------------------------------------

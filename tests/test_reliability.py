@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults import chat, events_of, post, read_stream, sim_log, until_event
 from tests.stack import Process, Stack
@@ -201,8 +202,20 @@ def limits_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.close()
 
 
+def queue_timeouts(stack: Stack) -> float:
+    with urllib.request.urlopen(stack.gateway_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "dispatcher_streams_ended_total" and sample.labels["reason"] == "queue_timeout"
+    )
+
+
 async def test_queue_timeout_and_full_queue(limits_stack: Stack) -> None:
     stack, token = limits_stack, limits_stack.token  # type: ignore[attr-defined]
+    before = queue_timeouts(stack)
     async with httpx.AsyncClient(timeout=30) as http:
         blocker = asyncio.create_task(post(http, stack, chat("blocker", 350, model=stack.model, stream=False), token))
         await until_event(http, stack, "blocker", "started")
@@ -220,6 +233,7 @@ async def test_queue_timeout_and_full_queue(limits_stack: Stack) -> None:
     # The stream was committed while it waited: comment lines, then an SSE error event.
     assert timed_out.status == 200 and timed_out.comments >= 3
     assert timed_out.errors[0]["code"] == "queue_timeout" and timed_out.done
+    assert queue_timeouts(stack) - before == 1  # the stream's end reason, on the gateway's /metrics
     assert after.status_code == 200
     # Never served afterwards.
     assert events_of(log, "late-stream") == events_of(log, "late-whole") == events_of(log, "too-many") == []
