@@ -330,7 +330,7 @@ class Up:
         for raw in self.popen.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            if line.startswith("dispatcher is up"):
+            if line.startswith("Press Ctrl-C to stop"):  # the banner's last line
                 self.up.set()
 
     @property
