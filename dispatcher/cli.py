@@ -301,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="run the vLLM simulator")
-    p.add_argument("--model", default="sim-model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--model", default="sim-model", help="model name it serves (default: sim-model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences run at once, as vLLM's flag (default: 16)")
     p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
     p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
     p.add_argument("--json-style", choices=("compact", "spaced"), default="compact",
@@ -343,8 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", help="totals per token and model from the usage ledger")
     p.add_argument("--since", default="24h", help="start: 1h, 30m, 7d (ago), 2026-11-01, an ISO time (UTC default)")
     p.add_argument("--until", help="end, same forms as --since (default: now)")
-    p.add_argument("--stream-url", help="rabbitmq-stream://user:password@host:5552/ (DISPATCHER_USAGE_STREAM_URL)")
-    p.add_argument("--stream", help="stream name (DISPATCHER_USAGE_STREAM_NAME, default usage)")
+    p.add_argument(
+        "--stream-url",
+        help="rabbitmq-stream://user:password@host:5552/ (DISPATCHER_USAGE_STREAM_URL; default: `dispatcher up`'s)",
+    )
+    p.add_argument(
+        "--stream", help="stream name (DISPATCHER_USAGE_STREAM_NAME; default: the one of `dispatcher up`, else usage)"
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
