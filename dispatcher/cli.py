@@ -1,14 +1,17 @@
-"""The ``dispatcher`` command: run the gateway, a worker, the simulator, or the whole stack."""
+"""The dispatcher command: run the gateway, a worker, the vLLM simulator, or the whole stack (up);
+manage API tokens (tokens) and read the usage ledger (usage)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from dispatcher.local import UpState, describe_database
 from dispatcher.logs import setup_logging
 from dispatcher.settings import CommonSettings, GatewaySettings, WorkerSettings
 
@@ -50,7 +53,12 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         timeout_keep_alive=30,
     )
-    server = DrainingServer(config, on_drain=lambda: app.state.update(draining=True), drain_delay=settings.drain_delay)
+    server = DrainingServer(
+        config,
+        on_drain=lambda: app.state.update(draining=True),
+        drain_delay=settings.drain_delay,
+        on_grace_end=lambda: app.state.broker.fail_all(503, "The gateway is shutting down; please retry."),
+    )
     if args.reuse_port:  # one of several processes on this port (see gateway.server.supervise)
         from dispatcher.processes import reuse_port_socket
 
@@ -112,6 +120,7 @@ async def _tokens(args: argparse.Namespace) -> None:
     from dispatcher.tokens import TokenError, TokenStore, hash_token, load_sync_file, publish_invalidation
 
     settings = CommonSettings()
+    say_database(settings.database_url)
     store = TokenStore(settings.database_url)
     changed: list[str] = []
     try:
@@ -164,6 +173,17 @@ async def _tokens(args: argparse.Namespace) -> None:
     await publish_invalidation(settings.redis_url, changed)
 
 
+def say_database(url: str) -> None:
+    """Which token database a command uses, on stderr (stdout stays parseable: a secret is its last line)."""
+    print(f"tokens: {describe_database(url)}", file=sys.stderr)
+    old = Path("dispatcher.db")  # the default before it moved out of the current directory
+    if "DISPATCHER_DATABASE_URL" not in os.environ and old.exists() and not url.endswith(f"/{old.resolve()}"):
+        print(
+            f"note: {old.resolve()} (the old default) is not used; move it to the path above to keep its tokens",
+            file=sys.stderr,
+        )
+
+
 def _dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
@@ -178,9 +198,29 @@ def cmd_usage(args: argparse.Namespace) -> None:
     from dispatcher.usage import parse_time, read_usage, render_csv, render_table, summarize
 
     settings = CommonSettings()
+    origin = "DISPATCHER_USAGE_STREAM_URL"
+    state = UpState.load()
+    if "DISPATCHER_USAGE_STREAM_URL" not in os.environ and state.usage_stream_url:
+        # What the last `dispatcher up` wrote to: its own stream, not the broker's shared `usage`.
+        origin = f"dispatcher up, {UpState.path()}"
+        settings.usage_stream_url = state.usage_stream_url
+        if "DISPATCHER_USAGE_STREAM_NAME" not in os.environ:
+            settings.usage_stream_name = state.usage_stream_name or settings.usage_stream_name
+    if args.stream_url:
+        origin = "--stream-url"
     settings.override(usage_stream_url=args.stream_url, usage_stream_name=args.stream)
     if not settings.usage_stream_url:
-        sys.exit("error: no usage stream: set DISPATCHER_USAGE_STREAM_URL or pass --stream-url")
+        sys.exit(
+            "error: no usage stream: set DISPATCHER_USAGE_STREAM_URL or pass --stream-url "
+            "(after `dispatcher up` with RabbitMQ's stream plugin on, none is needed)"
+        )
+    from dispatcher.usage import StreamAddress
+
+    try:
+        address = StreamAddress.parse(settings.usage_stream_url)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"usage: stream {settings.usage_stream_name!r} at {address.host}:{address.port} ({origin})", file=sys.stderr)
     try:
         since = parse_time(args.since)
         until = parse_time(args.until) if args.until else None
@@ -261,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="run the vLLM simulator")
-    p.add_argument("--model", default="sim-model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--model", default="sim-model", help="model name it serves (default: sim-model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences run at once, as vLLM's flag (default: 16)")
     p.add_argument("--decode-ms", type=float, default=10.0, help="duration of one decode step")
     p.add_argument("--decode-ms-per-seq", type=float, default=0.25, help="added to a step per running sequence")
     p.add_argument("--json-style", choices=("compact", "spaced"), default="compact",
@@ -303,8 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", help="totals per token and model from the usage ledger")
     p.add_argument("--since", default="24h", help="start: 1h, 30m, 7d (ago), 2026-11-01, an ISO time (UTC default)")
     p.add_argument("--until", help="end, same forms as --since (default: now)")
-    p.add_argument("--stream-url", help="rabbitmq-stream://user:password@host:5552/ (DISPATCHER_USAGE_STREAM_URL)")
-    p.add_argument("--stream", help="stream name (DISPATCHER_USAGE_STREAM_NAME, default usage)")
+    p.add_argument(
+        "--stream-url",
+        help="rabbitmq-stream://user:password@host:5552/ (DISPATCHER_USAGE_STREAM_URL; default: `dispatcher up`'s)",
+    )
+    p.add_argument(
+        "--stream", help="stream name (DISPATCHER_USAGE_STREAM_NAME; default: the one of `dispatcher up`, else usage)"
+    )
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from dispatcher.local import default_database_url
+
 ENV_PREFIX = "DISPATCHER_"
 
 
@@ -38,7 +40,8 @@ class CommonSettings:
     amqp_url: str = field(default_factory=lambda: _env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     # Unset: tokens are cached in-process only (fine for one gateway replica).
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))
-    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "sqlite+aiosqlite:///dispatcher.db"))
+    # Default: a SQLite file in $XDG_DATA_HOME/dispatcher/ (never the current directory: see dispatcher.local).
+    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", default_database_url()))
     # RabbitMQ stream for the usage ledger, e.g. rabbitmq-stream://guest:guest@127.0.0.1:5552/ (unset: off).
     usage_stream_url: str = field(default_factory=lambda: _env("USAGE_STREAM_URL", ""))
     usage_stream_name: str = field(default_factory=lambda: _env("USAGE_STREAM_NAME", "usage"))

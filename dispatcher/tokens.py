@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from dispatcher.local import prepare_database
 from dispatcher.wire import MAX_PRIORITY
 
 log = logging.getLogger("dispatcher.tokens")
@@ -114,6 +115,7 @@ class TokenStore:
     """Async access to the tokens table; the schema is created on first use."""
 
     def __init__(self, database_url: str) -> None:
+        prepare_database(database_url)
         self.engine: AsyncEngine = create_async_engine(database_url, pool_pre_ping=True)
         self._schema_ready = False
 

@@ -239,6 +239,12 @@ class GatewayBroker:
             raise
         return inbox
 
+    def fail_all(self, status: int, message: str) -> None:
+        """End every open request with an error (a stream gets an error event): the shutdown grace is
+        running out. Their relays then cancel the work on the workers."""
+        for inbox in list(self.pending.values()):
+            inbox.fail(status, message)
+
     def finish(self, request_id: str, *, cancel: bool) -> None:
         """Forget a request; when it did not complete, tell the workers to drop it."""
         inbox = self.pending.pop(request_id, None)

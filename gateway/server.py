@@ -2,14 +2,16 @@
 
 Kubernetes keeps routing to a pod for a moment after it starts terminating, so for ``drain_delay``
 seconds the gateway still serves everything while ``/ready`` answers 503; then uvicorn closes its
-listeners and waits (``timeout_graceful_shutdown``) for the open streams to finish. SIGINT (Ctrl-C)
-skips the delay.
+listeners and waits (``timeout_graceful_shutdown``) for the open streams to finish; those still open a
+second before it runs out end with an error event (``on_grace_end``) rather than being cut off
+mid-stream. SIGINT (Ctrl-C) skips the delay.
 
 ``dispatcher gateway --workers N`` runs N such servers as child processes on one port (``supervise``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -29,12 +31,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dispatcher.gateway")
 
+# Seconds before the shutdown grace runs out at which open streams are ended with an error event: the
+# relays need a moment to write it before uvicorn cancels what is left.
+GRACE_END_MARGIN = 1.0
+
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], drain_delay: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_drain: Callable[[], None],
+        drain_delay: float,
+        on_grace_end: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.on_drain = on_drain
         self.drain_delay = drain_delay
+        self.on_grace_end = on_grace_end
         self._drain_until: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -50,6 +63,17 @@ class DrainingServer(uvicorn.Server):
         if self._drain_until is not None and time.monotonic() >= self._drain_until:
             self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        timer = None
+        if grace is not None and self.on_grace_end is not None:
+            timer = asyncio.get_running_loop().call_later(max(0.0, grace - GRACE_END_MARGIN), self.on_grace_end)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 def supervise(settings: GatewaySettings) -> int:

@@ -6,16 +6,24 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-EXTRAS="${DISPATCHER_EXTRAS:-test}"
+# Extras to install beside the runtime: scripts/test.sh wants "test" (the default); scripts/up.sh sets
+# it empty, the runtime only (no pytest, schemathesis, hadolint, matplotlib to run the stack).
+EXTRAS="${DISPATCHER_EXTRAS-test}"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$EXTRAS"
-if [ ! -f "$stamp" ]; then
+version="$(sha1sum pyproject.toml | cut -c1-12)"
+stamp=".venv/.installed-$version-${EXTRAS:-runtime}"
+installed() {
+  [ -f "$stamp" ] && return 0
+  # The runtime is in every install of this pyproject.toml, whatever its extras.
+  [ -z "$EXTRAS" ] && compgen -G ".venv/.installed-$version-*" >/dev/null
+}
+if ! installed; then
   python -m pip install -q --upgrade pip
-  python -m pip install -q -e ".[$EXTRAS]"
+  python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
   touch "$stamp"
 fi
 

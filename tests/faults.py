@@ -96,6 +96,11 @@ def events_of(log: list[dict[str, Any]], user: str) -> list[str]:
     return [e["event"] for e in log if e["user"] == user]
 
 
+async def queued_is(stack: Stack, count: int) -> bool:
+    """Whether ``count`` requests wait in the stack's model queue (for ``until``)."""
+    return await stack.queued() == count
+
+
 async def until_event(
     http: httpx.AsyncClient, stack: Stack, user: str, event: str, timeout: float = 15.0
 ) -> dict[str, Any]:

@@ -196,6 +196,19 @@ class Stack:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    async def queued(self, *, express: bool = False) -> int:
+        """Requests waiting in this stack's model queue (a passive declare: it asks, it creates nothing).
+        Tests wait for this rather than sleep: a request sent is not yet a request queued."""
+        import aio_pika
+
+        from dispatcher.wire import queue_name
+
+        connection = await aio_pika.connect(self.amqp_url.split(",")[0])
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(queue_name(self.model, express=express), passive=True)
+            return queue.declaration_result.message_count or 0
+
     def delete_queues(self, model: str) -> None:
         run_sync(lambda: delete_model_queue(self.amqp_url, model))
 

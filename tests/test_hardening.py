@@ -5,7 +5,9 @@ supervisor. Real processes, Redis and SQL throughout."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -30,7 +32,7 @@ from dispatcher.metrics import gateway_metrics
 from dispatcher.settings import WorkerSettings
 from dispatcher.tokens import TokenStore
 from gateway.auth import TokenAuthenticator, shared_redis
-from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, run_sync, wait_http
+from tests.stack import AMQP_URL, REDIS_URL, Stack, delete_stream, free_port, run_sync, wait_http
 from tests.test_tenancy import fresh_database, run_cli  # noqa: F401 (fresh_database is a fixture)
 from worker.tenancy import cache_salt, salt_body, salt_key
 
@@ -292,13 +294,14 @@ class Up:
     def __init__(self, tmp: Path, *extra: str) -> None:
         self.model = "test-up-" + uuid.uuid4().hex[:8]
         self.ports = {name: free_port() for name in ("port", "metrics-port", "simulator-port", "worker-port")}
-        self.ports.update({k.removeprefix("--"): int(v) for k, v in zip(extra[::2], extra[1::2], strict=True)})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-        env.update(DISPATCHER_DATABASE_URL=f"sqlite+aiosqlite:///{tmp / 'up.db'}", DISPATCHER_AMQP_URL=AMQP_URL)
+        flags = dict(zip(extra[::2], extra[1::2], strict=True))
+        self.ports.update({k.removeprefix("--"): int(v) for k, v in flags.items() if k.endswith("port")})
+        self.env = self.environment(tmp)
         args = [arg for name, port in self.ports.items() for arg in (f"--{name}", str(port))]
+        args += [arg for flag, value in flags.items() if not flag.endswith("port") for arg in (flag, value)]
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "dispatcher.cli", "up", "--model", self.model, "--ready-timeout", "40", *args],
-            env=env,
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -307,12 +310,27 @@ class Up:
         self.up = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
+    @staticmethod
+    def environment(tmp: Path) -> dict[str, str]:
+        """A user of its own: local state (token database, up.json, usage WAL) under ``tmp``, this code."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "XDG_"))}
+        root = str(Path(__file__).resolve().parents[1])
+        env.update(DISPATCHER_AMQP_URL=AMQP_URL, PYTHONPATH=root, XDG_DATA_HOME=str(tmp / "xdg-data"),
+                   XDG_STATE_HOME=str(tmp / "xdg-state"), XDG_CONFIG_HOME=str(tmp / "xdg-config"))  # fmt: skip
+        return env
+
+    def secret(self) -> str:
+        """The token of the banner's curl line."""
+        match = re.search(r"Bearer (\S+)'", self.output)
+        assert match, self.output[-3000:]
+        return match.group(1)
+
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for raw in self.popen.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            if line.startswith("dispatcher is up"):
+            if line.startswith("Press Ctrl-C to stop"):  # the banner's last line
                 self.up.set()
 
     @property
@@ -333,6 +351,10 @@ class Up:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
         run_sync(lambda: delete_model_queue(AMQP_URL, self.model))
+        state = Path(self.env["XDG_STATE_HOME"]) / "dispatcher" / "up.json"
+        name = json.loads(state.read_text()).get("usage_stream_name") if state.exists() else None
+        if name:  # the usage stream of this user's `up`
+            run_sync(lambda: delete_stream(name))
 
 
 @pytest.fixture
@@ -354,6 +376,7 @@ def test_up_fails_fast_naming_the_worker_whose_port_is_taken(tmp_path: Path, up_
     out = up.output
     assert "error: the worker stopped" in out, out[-3000:]
     assert "address already in use" in out.lower().split("error: the worker stopped", 1)[1]  # its last lines
+    assert "choose another one with --worker-port" in out  # the flag that moves it
     assert "dispatcher is up" not in out
     assert not up.leftovers()
 

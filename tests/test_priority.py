@@ -68,8 +68,11 @@ async def test_priority_policy_reorders_waiting_but_never_displaces_running(
     """vLLM's V1 scheduler: a waiting high request takes the next free slot; a full batch is not preempted."""
     server = make_server(max_num_seqs=2, decode_ms=5, decode_ms_per_seq=0, prefill_ms=0)
     async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
-        short = asyncio.create_task(stream_text(client, body("low-short", 40, priority=5)))
-        long = asyncio.create_task(stream_text(client, body("low-long", 200, priority=5)))
+        # One at a time: two requests sent at once may reach the server in either order. The short one
+        # (0.75 s) outlasts the four round trips below even on a busy machine; the long one outlasts it.
+        short = asyncio.create_task(stream_text(client, body("low-short", 150, priority=5)))
+        await wait_for(lambda: _running_waiting(client, (1, 0)))
+        long = asyncio.create_task(stream_text(client, body("low-long", 400, priority=5)))
         await wait_for(lambda: _running_waiting(client, (2, 0)))
         queued = asyncio.create_task(stream_text(client, body("low-queued", 2, priority=5)))
         await wait_for(lambda: _running_waiting(client, (2, 1)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.faults import chat, read_stream
+from tests.faults import chat, queued_is, read_stream, until, until_event
 from tests.stack import Stack
 
 
@@ -102,11 +102,15 @@ async def test_a_full_low_backlog_does_not_lock_out_high_priorities(tmp_path: Pa
             def ask(user: str) -> asyncio.Task[object]:
                 return asyncio.create_task(read_stream(http, stack, chat(user, 3000, model=stack.model), low))
 
-            lows = [ask("low-0")]
-            for i in range(1, 4):  # two run, two wait in the full queue
-                await asyncio.sleep(0.3)
+            # Two run, two wait in the full queue; one at a time, each seen running or queued before the next
+            # (four sent together could find the queue full before the worker took any).
+            lows = []
+            for i in range(4):
                 lows.append(ask(f"low-{i}"))
-            await asyncio.sleep(0.5)
+                if i < 2:
+                    await until_event(http, stack, f"low-{i}", "started")
+                else:
+                    await until(lambda n=i - 1: queued_is(stack, n), 10, f"low-{i} queued")
             refused = await http.post(
                 stack.gateway_url + "/v1/chat/completions",
                 json=chat("low-refused", 5, model=stack.model, stream=False),

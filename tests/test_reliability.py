@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.faults import chat, events_of, post, read_stream, sim_log, until_event
+from tests.faults import chat, events_of, post, queued_is, read_stream, sim_log, until, until_event
 from tests.stack import Process, Stack
 
 
@@ -221,7 +221,7 @@ async def test_queue_timeout_and_full_queue(limits_stack: Stack) -> None:
         await until_event(http, stack, "blocker", "started")
         streamed = asyncio.create_task(read_stream(http, stack, chat("late-stream", 5, model=stack.model), token))
         whole = asyncio.create_task(post(http, stack, chat("late-whole", 5, model=stack.model, stream=False), token))
-        await asyncio.sleep(0.3)
+        await until(lambda: queued_is(stack, 2), 10, "both late requests queued")  # the queue is full now
         full = await post(http, stack, chat("too-many", 5, model=stack.model, stream=False), token)
         timed_out, late = await streamed, await whole
         assert (await blocker).status_code == 200

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.faults import chat, events_of, post, read_stream, sim_log, until, until_event
+from tests.faults import chat, events_of, post, queued_is, read_stream, sim_log, until, until_event
 from tests.stack import Process, Stack, wait_http
 
 
@@ -37,11 +37,12 @@ async def test_vllm_down_pauses_the_queue_in_priority_order(make_stack: type[Sta
     assert _status(stack.gateway_url + "/ready") == 200  # the gateway itself can still queue
     async with httpx.AsyncClient(timeout=60) as http:
         tasks = []
-        for i in range(3):
+        for i in range(3):  # one at a time: requests sent together may reach the queue in either order
             body = chat(f"low-{i}", 5, model=stack.model, stream=False)
             tasks.append(asyncio.create_task(post(http, stack, body, low)))
-            await asyncio.sleep(0.1)
+            await until(lambda n=i + 1: queued_is(stack, n), 10, f"low-{i} queued")
         tasks.append(asyncio.create_task(post(http, stack, chat("high", 5, model=stack.model, stream=False), high)))
+        await until(lambda: queued_is(stack, 4), 10, "high queued")
         await asyncio.sleep(1.0)
         assert not any(task.done() for task in tasks)  # waiting in the queue, not failing
 

@@ -366,12 +366,14 @@ async def test_metrics_while_running(make_server: Callable[..., SimServer]) -> N
             for _ in range(5)
         ]
 
+        m: dict[str, float] = {}
+
         async def full() -> bool:
-            m = await metric_values(client)
+            m.update(await metric_values(client))
             return m["vllm:num_requests_running"] == 2 and m["vllm:num_requests_waiting"] == 3
 
+        # Asserted on the same reading: by a second one, steps later, the first two may have finished.
         await wait_for(full)
-        m = await metric_values(client)
         assert m["vllm:kv_cache_usage_perc"] == 1.0
         assert m["vllm:prompt_tokens_total"] == 6  # only the two started requests are prefilled
         assert all(r.status_code == 200 for r in await asyncio.gather(*tasks))

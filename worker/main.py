@@ -309,7 +309,10 @@ class Worker:
             return
         announce = Announce(self.id, self.settings.model, self.ready)
         try:
-            await self._control.publish(aio_pika.Message(control_encoder.encode(announce)), routing_key="")
+            # Not mandatory: with no gateway listening yet it is simply dropped (mandatory, RabbitMQ
+            # returns it and aiormq logs the return as an ERROR); gateways ask for one when they start.
+            message = aio_pika.Message(control_encoder.encode(announce))
+            await self._control.publish(message, routing_key="", mandatory=False)
         except Exception as exc:
             log.debug("could not announce: %s", exc)
 
