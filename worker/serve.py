@@ -252,7 +252,7 @@ class JobRunner:
                 self.send(job, Kind.END, usage=usage)
             elif usage is not None and outcome != "requeued":
                 self.send(job, Kind.BILLED, usage=usage)  # what the record bills: the gateway's TPM charges it
-            await self.replies.sent()
+            await self.replies.sent(job.reply_to)
             message, job.message = job.message, None
             if message is not None:
                 try:
