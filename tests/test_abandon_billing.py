@@ -187,3 +187,45 @@ async def test_abandoned_streams_are_billed_their_prompt(tmp_path: Path) -> None
     finally:
         stack.close()
         run_sync(lambda: delete_stream(stream))
+
+
+async def test_a_stream_failed_mid_answer_counts_against_tpm(tmp_path: Path) -> None:
+    """The server dies mid-stream: the client gets an error event; the tokens the ledger bills for the
+    attempt (chunks relayed, prompt estimated: the server cannot count it now) are charged too."""
+    stream = "usage-failed-tpm-" + str(int(time.time() * 1000))
+    stack = billing_stack(tmp_path, stream)
+    name = "failed-tpm-" + uuid.uuid4().hex[:8]
+    try:
+        stack.serve(max_num_seqs=4, max_concurrency=4, token="owner")
+        secret = stack.add_token(name, priority=5, tpm=50)
+        if HOUR - time.time() % HOUR < 60:
+            await asyncio.sleep(HOUR - time.time() % HOUR + 0.1)
+        since = time.time()
+        headers = {"Authorization": f"Bearer {secret}"}
+        body = {**chat("failing", 3000, model=stack.model), "messages": [message]}
+        async with httpx.AsyncClient(timeout=30, headers=headers) as http:
+            async with http.stream("POST", stack.gateway_url + "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                seen, rest = 0, b""
+                async for chunk in r.aiter_bytes():
+                    seen += chunk.count(b'"content":"')
+                    if seen >= 60 and stack.processes[0].alive():
+                        stack.processes[0].kill()  # the simulator
+                    if seen >= 60:
+                        rest += chunk
+            assert b'"error"' in rest and rest.endswith(b"data: [DONE]\n\n")
+            (record,) = await ledger_records(stream, since, name, 1)
+            await asyncio.sleep(1.0)
+            # Before: nothing was charged, and this request was admitted (to wait for the dead server).
+            following = chat("next", 5, model=stack.model, stream=False)
+            refused = await http.post(stack.gateway_url + "/v1/chat/completions", json=following, timeout=5)
+        billed = record.prompt_tokens + record.completion_tokens
+        print(f"\nfailed mid-answer: the ledger billed {billed} ({record.outcome}, {record.status}); {refused.text}")
+        assert record.outcome == "error" and record.estimated and record.completion_tokens >= 59
+        assert record.prompt_tokens == math.ceil(len(PROMPT) / 4)  # the dead server could not count it
+        assert refused.status_code == 429
+        assert f"Used {billed}." in refused.json()["error"]["message"]
+    finally:
+        stack.close()
+        run_sync(lambda: delete_stream(stream))
+        run_sync(lambda: forget_limits(name))
