@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from dispatcher.tokens import TokenInfo
 from dispatcher.usage import UsageRecord, read_usage
-from gateway.limits import KEY_PREFIX
+from dispatcher.wire import Frame, Kind
+from gateway.limits import KEY_PREFIX, RateLimiter
 from tests.faults import chat
 from tests.stack import REDIS_URL, STREAM_URL, Stack, delete_stream, run_sync
 
@@ -229,3 +231,40 @@ async def test_a_stream_failed_mid_answer_counts_against_tpm(tmp_path: Path) -> 
         stack.close()
         run_sync(lambda: delete_stream(stream))
         run_sync(lambda: forget_limits(name))
+
+
+async def test_each_request_is_charged_once_as_the_ledger_counts_it() -> None:
+    """The in-process counters (no Redis) and billing frames in every order: a request's charge is
+    the count of the record the ledger keeps for it (answered first, then the larger), never a sum."""
+    limiter = RateLimiter(None, window=HOUR, max_queued=0, expiry=60)
+    token = TokenInfo("once", 5, tpm=10_000)
+
+    def frame(request_id: str, kind: Kind, prompt: int, completion: int) -> Frame:
+        return Frame(request_id, kind, prompt_tokens=prompt, completion_tokens=completion)
+
+    async def used_after(*frames: Frame, request_id: str, close_first: bool) -> int:
+        admission = await limiter.admit(token, request_id, stream=True)
+        if close_first:
+            admission.finish()  # the client left before its worker billed
+        for billed in frames:
+            limiter.billed(billed)
+        admission.finish()
+        probe = await limiter.admit(token)  # what admission sees now
+        probe.finish()
+        return int(probe.headers["x-ratelimit-limit-tokens"]) - int(probe.headers["x-ratelimit-remaining-tokens"])
+
+    used = await used_after(frame("a", Kind.BILLED, 10, 50), request_id="a", close_first=True)
+    assert used == 60
+    # The same END twice (a redelivered record) or a late BILLED of a replaced attempt: charged once.
+    used = await used_after(
+        frame("b", Kind.END, 10, 20), frame("b", Kind.END, 10, 20), frame("b", Kind.BILLED, 10, 90),
+        request_id="b", close_first=False,
+    )  # fmt: skip
+    assert used == 60 + 30
+    # A failed attempt, then an answered one that used less: the ledger bills the answered one.
+    used = await used_after(
+        frame("c", Kind.BILLED, 10, 90), frame("c", Kind.END, 10, 20), request_id="c", close_first=True
+    )
+    assert used == 60 + 30 + 30
+    limiter.billed(frame("unknown", Kind.BILLED, 1, 1))  # not this gateway's: ignored
+    assert (await limiter.admit(token)).headers["x-ratelimit-remaining-tokens"] == str(10_000 - 120)
