@@ -104,6 +104,9 @@ class GatewaySettings(CommonSettings):
     # Requests of one token waiting in the queue (not yet taken by a worker) before more are
     # refused with 429, so that one tenant cannot bury another of the same priority. 0 = no cap.
     max_queued_per_token: int = field(default_factory=lambda: _env_int("MAX_QUEUED_PER_TOKEN", 64))
+    # Streamed requests of one token open at once in one gateway process (queued or running) before
+    # more are refused with 429: each may buffer up to max_buffered_bytes for a slow reader. 0 = no cap.
+    max_streams_per_token: int = field(default_factory=lambda: _env_int("MAX_STREAMS_PER_TOKEN", 64))
     # Models this deployment serves (comma-separated): their queues are declared by the gateway, so
     # their requests wait in the queue while no worker runs (scale from zero) instead of a 404.
     models: str = field(default_factory=lambda: _env("MODELS", ""))

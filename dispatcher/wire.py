@@ -87,6 +87,9 @@ class Kind(enum.IntEnum):
     ERROR = 4  # failed; status and an OpenAI-style error body in data
     HEARTBEAT = 5  # the worker is alive while vLLM is silent
     REQUEUED = 6  # the attempt gave the request back to the queue before any output (vLLM failed)
+    # What the usage ledger billed an attempt that ended without END (the client left, an error after
+    # output): its last frame, sent once the record is committed, so that TPM limits charge the same.
+    BILLED = 7
 
 
 class Frame(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -55,7 +55,8 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     record.priority, record.stream = priority, bool(head.stream) and endpoint != "embeddings"
 
     request_id = record.request_id
-    admission = await state.limits.admit(token)  # 429 when one of the token's limits is reached
+    # 429 when one of the token's limits is reached; its worker's billing is charged to request_id.
+    admission = await state.limits.admit(token, request_id, stream=record.stream)
     headers: dict[str, object] = {
         H_ENDPOINT: endpoint,
         H_TOKEN: token.name,
@@ -268,8 +269,10 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             window=settings.rate_limit_window,
             max_queued=settings.max_queued_per_token,
             expiry=settings.queue_timeout + 600,  # a request counts as in flight at most this long
+            max_streams=settings.max_streams_per_token,
         )
         broker = GatewayBroker(settings)
+        broker.on_billed = limits.billed  # TPM charges what the workers bill, also after the client left
         app.state.update(settings=settings, store=store, auth=auth, broker=broker, limits=limits)
         listener = asyncio.create_task(_listen_for_invalidations(redis, auth)) if redis else None
         metrics_port = MetricsPort(settings.host, settings.metrics_port) if settings.metrics_port > 0 else None

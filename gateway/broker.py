@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 import aio_pika
 import aiormq
@@ -40,6 +41,7 @@ from dispatcher.wire import (
     Announce,
     Cancel,
     Discover,
+    Frame,
     GatewayAlive,
     GatewayGone,
     Kind,
@@ -121,6 +123,8 @@ class GatewayBroker:
         self._tasks: list[asyncio.Task[None]] = []
         self._beat = asyncio.Event()  # set: send a heartbeat now
         self._orphans: dict[str, None] = {}  # attempts told to stop (insertion-ordered, bounded)
+        # Gets every END and BILLED frame, also of requests that ended here already (the TPM limits).
+        self.on_billed: Callable[[Frame], None] = lambda frame: None
 
     @property
     def ready(self) -> bool:
@@ -276,6 +280,11 @@ class GatewayBroker:
             log.error("dropping an undecodable reply message")
             return
         for frame in frames:
+            kind = frame.kind
+            if kind is Kind.END or kind is Kind.BILLED:
+                self.on_billed(frame)
+                if kind is Kind.BILLED:  # billing only: never part of the answer
+                    continue
             inbox = self.pending.get(frame.request_id)
             if inbox is None:
                 # Nobody waits for it any more (client gone, timed out): stop the work, once.

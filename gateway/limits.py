@@ -7,13 +7,18 @@ Without Redis they live in this process, so each replica enforces them separatel
 fail open: a request is never refused because Redis is down.
 
 - requests per window (``rpm``): counted at admission, in a fixed window aligned on the clock.
-- tokens per window (``tpm``): prompt + completion tokens from the usage vLLM reports, charged when
-  the request ends; admission refuses while the window's total has reached the limit.
+- tokens per window (``tpm``): prompt + completion tokens exactly as the usage ledger bills them,
+  charged from the worker's frames: END for an answered request, BILLED (sent once its ledger record
+  is committed) for an attempt that ended otherwise: the client left, a timeout, an error after
+  output. Admission refuses while the window's total has reached the limit.
 - in flight (``max_concurrent``): queued or running, one sorted-set member per request whose score is
   a safety expiry, so a crashed gateway's requests are forgotten eventually.
 - queued (``max_queued``, one setting for all tokens): requests published but not yet taken by a
   worker. The queue is FIFO within a priority; this cap bounds how many of one tenant's requests can
   stand in front of another tenant's of the same priority.
+- streams (``max_streams``, one setting for all tokens): streamed requests of one token open in this
+  gateway process (queued or running). Counted here, not in Redis: what it bounds is this process's
+  memory, as each stream may buffer up to ``MAX_BUFFERED_BYTES`` for a slow reader.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +39,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
+from dispatcher.wire import Frame, Kind
 
 if TYPE_CHECKING:
     from gateway.relay import Relay
@@ -39,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dispatcher.gateway.limits")
 
 KEY_PREFIX = "dispatcher:limit:"
+# Seconds an ended request still takes its worker's billing: a cancelled attempt reports after the
+# cancel reached it, its prompt was counted (bounded, 2 s) and its ledger record committed (bounded, 2 s).
+BILLING_GRACE = 60.0
 
 # KEYS: requests (this window), tokens (this window), in-flight set, queued set
 # ARGV: now, window ttl (s), rpm, tpm, max_concurrent, max_queued, request id, set expiry (score), set ttl (s)
@@ -247,6 +258,12 @@ class RedisCounters:
             commands += [("INCRBY", tokens_key, tokens), ("EXPIRE", tokens_key, math.ceil(window) + 1)]
         self._pipeline.submit(commands, wait=False)
 
+    def charge(self, name: str, tokens: int, window: float) -> None:
+        """Add ``tokens`` (negative: take back) to the token's current window."""
+        tokens_key = _keys(name, int(time.time() // window))[1]
+        commands: list[Command] = [("INCRBY", tokens_key, tokens), ("EXPIRE", tokens_key, math.ceil(window) + 1)]
+        self._pipeline.submit(commands, wait=False)
+
     async def drain(self) -> None:
         """Until queued updates are sent (on shutdown)."""
         self._pipeline._start()  # now, not after the linger
@@ -319,17 +336,69 @@ class LocalCounters:
         state.queued.pop(request_id, None)
         state.window.tokens += tokens
 
+    def charge(self, name: str, tokens: int, window: float) -> None:
+        self._state(name, time.time(), window).window.tokens += tokens
+
+
+class StreamCap:
+    """Streamed requests of each token open in this process (queued or running), at most ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no cap
+        self._open: dict[str, int] = {}
+
+    def acquire(self, name: str) -> Callable[[], None] | None:
+        """Count one more stream of ``name`` (raise a 429 APIError at the cap); returns its release."""
+        if not self.limit:
+            return None
+        count = self._open.get(name, 0)
+        if count >= self.limit:
+            raise APIError(
+                429,
+                f"Too many streams open for token {name}: limit {self.limit}. Wait for one to finish and try again.",
+                code="stream_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        self._open[name] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._open.get(name, 1) - 1
+            if left > 0:
+                self._open[name] = left
+            else:
+                self._open.pop(name, None)
+
+        return release
+
 
 class Admission:
-    """One admitted request: report when a worker took it and when it ended (exactly once)."""
+    """One admitted request: report when a worker took it, when it ended (exactly once), and what
+    its worker billed."""
 
-    def __init__(self, limiter: RateLimiter | None, name: str, request_id: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter | None,
+        name: str,
+        request_id: str,
+        headers: dict[str, str],
+        release_stream: Callable[[], None] | None = None,
+    ) -> None:
         self._limiter = limiter
         self.name = name
         self.request_id = request_id
         self.headers = headers  # x-ratelimit-* for the response
+        self._release_stream = release_stream
         self._accepted = False
         self._finished = False
+        # What is charged so far, and whether from an answered attempt: the ledger keeps one record
+        # per request, an answered one first, then the larger count (dispatcher.usage.unique).
+        self._charged = 0
+        self._charged_answered = False
 
     def accepted(self) -> None:
         """A worker took the request off the queue: it no longer counts as queued."""
@@ -339,42 +408,95 @@ class Admission:
         self._limiter.counters.accepted(self.name, self.request_id)  # queued, sent with others: no await
 
     def release(self, exchange: Relay) -> None:
-        """The close hook of the request's Relay: charge what vLLM reported it used."""
-        self.finish(exchange.outcome.prompt_tokens, exchange.outcome.completion_tokens)
+        """The close hook of the request's Relay: free its slots (tokens come from the worker's frames)."""
+        self.finish()
 
-    def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """The request ended (any way at all): free its slot and charge the tokens it used."""
-        if self._limiter is None or self._finished:
+    def finish(self) -> None:
+        """The request ended (any way at all): free its slots. Its tokens may still be billed after."""
+        if self._finished:
             return
         self._finished = True
+        if self._release_stream is not None:
+            self._release_stream()
         limiter = self._limiter
-        tokens = prompt_tokens + completion_tokens
-        limiter.counters.finish(self.name, self.request_id, tokens, limiter.window)
+        if limiter is not None:
+            limiter.counters.finish(self.name, self.request_id, 0, limiter.window)
+            limiter.ended(self)
+
+    def bill(self, tokens: int, *, answered: bool) -> None:
+        """One attempt's tokens as its worker billed them (END, or BILLED after its ledger record):
+        charge what the ledger counts for the request, once, whichever attempts report."""
+        limiter = self._limiter
+        if limiter is None or (answered, tokens) <= (self._charged_answered, self._charged):
+            return
+        delta = tokens - self._charged  # negative only when an answered attempt follows a larger failed one
+        self._charged, self._charged_answered = tokens, answered
+        if delta:
+            limiter.counters.charge(self.name, delta, limiter.window)
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis | None, *, window: float, max_queued: int, expiry: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis | None,
+        *,
+        window: float,
+        max_queued: int,
+        expiry: float,
+        max_streams: int = 0,
+    ) -> None:
         self.counters: RedisCounters | LocalCounters = RedisCounters(redis) if redis is not None else LocalCounters()
         self.window = window
         self.max_queued = max_queued
         self.expiry = expiry  # safety net: a request counts as in flight at most this long
+        self.streams = StreamCap(max_streams)
         self._warned_at = 0.0
+        # Admissions of tokens with a tpm, by request id, until BILLING_GRACE after they ended: the
+        # worker's billing frames find them here.
+        self._billable: dict[str, Admission] = {}
+        self._ended: deque[tuple[float, str]] = deque()
 
-    async def admit(self, token: TokenInfo) -> Admission:
-        """Count a new request of this token, or raise a 429 APIError when a limit is reached."""
+    async def admit(self, token: TokenInfo, request_id: str = "", *, stream: bool = False) -> Admission:
+        """Count a new request of this token, or raise a 429 APIError when a limit is reached.
+        ``request_id``: the id its frames carry (their billing is charged to it)."""
         quota = Quota.of(token, self.max_queued)
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
+        release_stream = self.streams.acquire(token.name) if stream else None
         if not quota.any:
-            return Admission(None, token.name, request_id, {})
+            return Admission(None, token.name, request_id, {}, release_stream)
         try:
             counts = await self.counters.admit(token.name, request_id, quota, self.window, self.expiry)
         except (RedisError, OSError) as exc:  # fail open: limits are not worth an outage
             self._warn(exc)
-            return Admission(None, token.name, request_id, {})
+            return Admission(None, token.name, request_id, {}, release_stream)
+        except BaseException:
+            if release_stream is not None:
+                release_stream()
+            raise
         headers = self._headers(quota, counts)
         if counts.refused:
+            if release_stream is not None:
+                release_stream()
             raise _refusal(token.name, quota, counts, headers, self._reset())
-        return Admission(self, token.name, request_id, headers)
+        admission = Admission(self, token.name, request_id, headers, release_stream)
+        if quota.tpm:
+            self._billable[request_id] = admission
+        return admission
+
+    def billed(self, frame: Frame) -> None:
+        """A frame with a worker's billing (END or BILLED) of one of this gateway's requests, perhaps
+        one that ended here already (the client left): charge its request. Called per frame: no awaits."""
+        admission = self._billable.get(frame.request_id)
+        if admission is not None:
+            admission.bill(frame.prompt_tokens + frame.completion_tokens, answered=frame.kind is Kind.END)
+
+    def ended(self, admission: Admission) -> None:
+        """``admission`` ended: keep it for late billing frames, then forget it."""
+        now = time.monotonic()
+        if admission.request_id in self._billable:
+            self._ended.append((now + BILLING_GRACE, admission.request_id))
+        while self._ended and self._ended[0][0] <= now:
+            self._billable.pop(self._ended.popleft()[1], None)
 
     async def drain(self) -> None:
         """Let pending counter updates reach Redis (on shutdown)."""

@@ -318,7 +318,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             cand, server_seqs=args.server_seqs or cand.server_seqs, worker_slots=args.worker_slots or cand.worker_slots
         )
     raise_fd_limit(10_000)
-    env = {"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_LOG_LEVEL": "warning"}
+    env = {
+        "DISPATCHER_MAX_QUEUED_PER_TOKEN": "0",
+        "DISPATCHER_MAX_STREAMS_PER_TOKEN": "0",
+        "DISPATCHER_LOG_LEVEL": "warning",
+    }
     if args.candidate != "defaults":
         env.update(
             DISPATCHER_RESERVED_SLOTS=str(cand.reserved), DISPATCHER_VLLM_PRIORITY=str(cand.vllm_priority).lower()

@@ -204,6 +204,7 @@ class Services:
             "gateway", "gateway", "--port", str(port), "--workers", str(gateway_workers),
             env={
                 "DISPATCHER_MAX_QUEUED_PER_TOKEN": "1000000",
+                "DISPATCHER_MAX_STREAMS_PER_TOKEN": "0",  # one token opens every stream of the run
                 "DISPATCHER_METRICS_PORT": str(free_port()),
                 **(gateway_env or {}),
             },

@@ -364,6 +364,23 @@ class Simulator:
         }
         return Response(_encode(result), media_type="application/json")
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``POST /tokenize``: a chat request's ``messages`` or a completion's ``prompt``, counted as
+        the generation endpoints count them (so ``count`` equals their ``usage.prompt_tokens``)."""
+        try:
+            body = await self._body(request)
+            messages, prompt = body.get("messages"), body.get("prompt")
+            if isinstance(messages, list):
+                count = max(1, sum(_count_words(m.get("content")) for m in messages if isinstance(m, dict)))
+            elif isinstance(prompt, str):
+                count = _count_words(prompt)
+            else:
+                raise ApiError("Either messages or prompt must be provided.", param="prompt")
+        except ApiError as exc:
+            return exc.response()
+        self.engine.tokenized += 1
+        return JSONResponse({"count": count, "max_model_len": self.max_model_len, "tokens": list(range(count))})
+
     async def models(self, request: Request) -> Response:
         card = {
             "id": self.model,
@@ -612,6 +629,7 @@ def create_app(
         Route("/v1/completions", sim.completions, methods=["POST"]),
         Route("/v1/embeddings", sim.embeddings, methods=["POST"]),
         Route("/v1/models", sim.models, methods=["GET"]),
+        Route("/tokenize", sim.tokenize, methods=["POST"]),
         Route("/health", sim.health, methods=["GET"]),
         Route("/version", sim.version, methods=["GET"]),
         Route("/metrics", sim.metrics, methods=["GET"]),

@@ -154,6 +154,7 @@ class Engine:
         self.aborted = 0
         self.preempted = 0
         self.generated_tokens = 0
+        self.tokenized = 0  # POST /tokenize requests
         # Monotonic counters for /metrics (Prometheus counters never go back).
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -204,7 +205,7 @@ class Engine:
         seq._wake()
 
     def reset_stats(self) -> None:
-        self.started = self.finished = self.aborted = self.preempted = self.generated_tokens = 0
+        self.started = self.finished = self.aborted = self.preempted = self.generated_tokens = self.tokenized = 0
         self.log.clear()
 
     def stats(self, *, log: bool = True) -> dict[str, Any]:
@@ -217,6 +218,7 @@ class Engine:
             "running": self.num_running,
             "waiting": self.num_waiting,
             "generated_tokens": self.generated_tokens,
+            "tokenized": self.tokenized,
             "steps": self.steps,
             "admitting_steps": self.admitting_steps,
             **({"log": list(self.log)} if log else {}),

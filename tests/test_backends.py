@@ -280,6 +280,32 @@ async def test_backends_probe_the_simulator(spaced_stack: Stack) -> None:
         await auto.aclose()
 
 
+async def test_backends_count_a_prompt_the_way_they_can(spaced_stack: Stack) -> None:
+    """vLLM's /tokenize (the simulator mirrors it) counts a prompt as the answer's usage would;
+    an adapter without a tokenizer endpoint, or a server that cannot answer, gives None (estimated)."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}]
+    chat = {"model": spaced_stack.model, "messages": messages}
+    completion = {"model": spaced_stack.model, "prompt": "four five six seven"}
+    vllm, generic = (
+        make_backend("vllm", spaced_stack.simulator_url + "/v1"),
+        make_backend("generic", spaced_stack.simulator_url),
+    )
+    gone = make_backend("vllm", f"http://127.0.0.1:{free_port()}")
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            answered = await http.post(
+                spaced_stack.simulator_url + "/v1/chat/completions", json={**chat, "max_tokens": 1}
+            )
+        assert await vllm.count_prompt("chat/completions", chat, 2.0) == answered.json()["usage"]["prompt_tokens"] == 5
+        assert await vllm.count_prompt("completions", completion, 2.0) == 4
+        assert await vllm.count_prompt("embeddings", {"input": "x"}, 2.0) is None
+        assert await generic.count_prompt("chat/completions", chat, 2.0) is None
+        assert await gone.count_prompt("chat/completions", chat, 2.0) is None
+    finally:
+        for backend in (vllm, generic, gone):
+            await backend.aclose()
+
+
 async def test_probe_sees_the_simulators_running_requests(spaced_stack: Stack) -> None:
     backend = make_backend("vllm", spaced_stack.simulator_url)
     body = {"model": spaced_stack.model, "prompt": "busy", "max_tokens": 2000, "stream": True}

@@ -7,6 +7,7 @@ The stacks run the worker with ``--vllm-priority`` against the simulator, whose 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from dispatcher.settings import GatewaySettings
 from dispatcher.tokens import REDIS_KEY, hash_token
 from dispatcher.wire import MAX_PRIORITY
 from gateway.limits import KEY_PREFIX, duration
@@ -223,6 +225,39 @@ async def test_requests_in_flight_freed_on_every_ending(tenancy: Stack) -> None:
             await asyncio.sleep(0.1)
         assert failed.status_code == 500
         assert await eventually_ok(http, one, token, chat(tenancy.model, "conc-4"))
+
+
+async def test_streams_per_token_capped_by_default(make_stack: type[Stack], redis_client: aioredis.Redis) -> None:
+    """Each open stream may buffer up to MAX_BUFFERED_BYTES for a slow reader: a token's streams in one
+    gateway process are capped (64 by default; 2 here)."""
+    assert GatewaySettings().max_streams_per_token == 64
+    stack = make_stack(env={"DISPATCHER_MAX_STREAMS_PER_TOKEN": "2"})
+    stack.start_simulator(max_num_seqs=4, decode_ms=10)
+    stack.start_worker(4)
+    stack.start_gateway()
+    capped, other = stack.add_token(f"{RUN}-streams", 5), stack.add_token(f"{RUN}-streams-other", 5)
+    url = stack.gateway_url + "/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with contextlib.AsyncExitStack() as held:
+            for i in range(2):
+                body = chat(stack.model, f"held-{i}", max_tokens=3000, stream=True)
+                answer = await held.enter_async_context(http.stream("POST", url, json=body, headers=bearer(capped)))
+                assert answer.status_code == 200
+            refused = await http.post(url, json=chat(stack.model, "third", stream=True), headers=bearer(capped))
+            assert refused.status_code == 429, refused.text  # before: 200, streams were not capped
+            error = refused.json()["error"]
+            assert error["code"] == "stream_limit_exceeded" and error["type"] == "rate_limit_error"
+            assert set(error) == {"message", "type", "param", "code"} and refused.headers["retry-after"] == "1"
+            client = openai.AsyncOpenAI(base_url=stack.gateway_url + "/v1", api_key=capped, max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(**chat(stack.model, "sdk", stream=True))
+            # Not streams, or another token's: not counted.
+            whole = await http.post(url, json=chat(stack.model, "whole"), headers=bearer(capped))
+            assert whole.status_code == 200
+            theirs = await http.post(url, json=chat(stack.model, "theirs", stream=True), headers=bearer(other))
+            assert theirs.status_code == 200
+        # The held streams' clients left: their slots come back.
+        assert await eventually_ok(http, stack.gateway_url, capped, chat(stack.model, "after", stream=True))
 
 
 async def eventually_ok(http: httpx.AsyncClient, base: str, token: str, body: dict[str, Any]) -> bool:

@@ -12,10 +12,15 @@ to get exact token usage from it. The worker asks ``await backend.probe()`` for 
 | sglang   | sglang:num_running_reqs / sglang:num_queue_reqs           | sglang:token_usage        | opt-in   |
 | llamacpp | llamacpp:requests_processing / llamacpp:requests_deferred | llamacpp:kv_cache_usage_ratio | no   |
 | generic  | none                                                      | none                      | no       |
+
+The prompt of a request cut short (no usage from the server) is counted by the server itself where it
+can tell (``count_prompt``: vLLM's ``POST /tokenize``, llama-server's ``/apply-template`` + ``/tokenize``),
+else estimated (SGLang, generic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 from dataclasses import dataclass
@@ -143,6 +148,19 @@ class Backend:
             body["priority"] = value
         return wants_usage
 
+    async def count_prompt(self, endpoint: str, body: dict[str, Any], timeout: float) -> int | None:
+        """The server's own count of a request's prompt tokens (for a request cut short, which got no
+        usage), or None: it cannot tell (no tokenizer endpoint, an error, slower than ``timeout``)."""
+        return None
+
+    async def _post_json(self, path: str, payload: dict[str, Any], timeout: float) -> Any:
+        """POST to the server's root; its JSON answer, or None on any failure."""
+        try:
+            response = await self._http.post(self.root_url + path, json=payload, timeout=timeout)
+            return response.json() if response.status_code == 200 else None
+        except (httpx2.HTTPError, ValueError):
+            return None
+
     # -- probing -------------------------------------------------------------------------------
 
     async def probe(self) -> Probe:
@@ -203,6 +221,23 @@ class VLLMBackend(Backend):
     def priority_value(self, priority: int) -> int | None:
         return vllm_priority(priority) if self.priority else None  # lower = earlier there
 
+    async def count_prompt(self, endpoint: str, body: dict[str, Any], timeout: float) -> int | None:
+        # POST /tokenize takes a chat request's messages (and tools: both go through the chat
+        # template, with the generation prompt by default) or a completion's prompt string, and
+        # answers {"count": n, "max_model_len": ..., "tokens": [...]}.
+        payload: dict[str, Any] = {"model": body.get("model")}
+        if endpoint == "chat/completions" and isinstance(body.get("messages"), list):
+            payload["messages"] = body["messages"]
+            if body.get("tools"):
+                payload["tools"] = body["tools"]
+        elif endpoint == "completions" and isinstance(body.get("prompt"), str):
+            payload["prompt"] = body["prompt"]
+        else:
+            return None
+        answer = await self._post_json("/tokenize", payload, timeout)
+        count = answer.get("count") if isinstance(answer, dict) else None
+        return count if isinstance(count, int) else None
+
 
 class SGLangBackend(Backend):
     kind = "sglang"
@@ -226,6 +261,24 @@ class LlamaCppBackend(Backend):
     waiting_metrics = ("llamacpp:requests_deferred",)
     kv_metrics = ("llamacpp:kv_cache_usage_ratio",)  # only in some versions
     loading_statuses = frozenset({503})  # {"error": {"code": 503, "message": "Loading model", ...}}
+
+    async def count_prompt(self, endpoint: str, body: dict[str, Any], timeout: float) -> int | None:
+        # POST /apply-template {"messages"} -> {"prompt"} (the chat template applied), then
+        # POST /tokenize {"content"} -> {"tokens": [...]}; both share the one time bound.
+        loop_time = asyncio.get_running_loop().time
+        deadline = loop_time() + timeout
+        prompt = body.get("prompt")
+        if endpoint == "chat/completions" and isinstance(body.get("messages"), list):
+            applied = await self._post_json("/apply-template", {"messages": body["messages"]}, timeout)
+            prompt = applied.get("prompt") if isinstance(applied, dict) else None
+        elif endpoint != "completions":
+            return None
+        left = deadline - loop_time()
+        if not isinstance(prompt, str) or left <= 0:
+            return None
+        answer = await self._post_json("/tokenize", {"content": prompt, "add_special": True}, left)
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        return len(tokens) if isinstance(tokens, list) else None
 
 
 class GenericBackend(Backend):
@@ -299,6 +352,11 @@ class AutoBackend(Backend):
         if self.detected is not None:
             return self.detected.prepare(body, priority, stream=stream)
         return super().prepare(body, priority, stream=stream)
+
+    async def count_prompt(self, endpoint: str, body: dict[str, Any], timeout: float) -> int | None:
+        if self.detected is None:
+            return None
+        return await self.detected.count_prompt(endpoint, body, timeout)
 
     async def probe(self) -> Probe:
         if self.detected is not None:

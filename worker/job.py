@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -47,6 +48,7 @@ class Job:
     stop_reason: str = ""  # why the task was cancelled from outside: "cancel", "gateway", "stall", "lost"
     settled: bool = False  # acked, nacked or handed back: the slot is free
     task: asyncio.Task[None] | None = None
+    body: dict[str, Any] | None = None  # the request as sent to the server (its prompt is counted if cut short)
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage, worker_id: str) -> Job:

@@ -29,6 +29,7 @@ from worker.events import Usage
 from worker.job import Job
 from worker.replies import ReplySender
 from worker.tenancy import salt_body, salt_key
+from worker.usage import prompt_tokens
 from worker.vllm import VLLMClient
 
 log = logging.getLogger("dispatcher.worker")
@@ -107,6 +108,7 @@ class JobRunner:
         try:
             assert job.message is not None
             body, stream, wants_usage = self.request_body(job, job.message.body)
+            job.body = body
             clock = self.accounting.clock(job.priority)
             started_at = time.monotonic()
             headers = {"X-Request-Id": job.request_id}
@@ -232,6 +234,9 @@ class JobRunner:
             return
         job.settled = True
         try:
+            if estimated and not answered and usage is not None and not usage.prompt_tokens:
+                # Cut short (the client left, an error after output): its prompt was prefilled too.
+                usage.prompt_tokens = await prompt_tokens(self.backend, job.endpoint, job.body)
             if outcome != "requeued":  # whoever serves it next records it
                 await self.accounting.finish_durably(
                     job,
@@ -245,7 +250,9 @@ class JobRunner:
                 )
             if answered:
                 self.send(job, Kind.END, usage=usage)
-            await self.replies.sent()
+            elif usage is not None and outcome != "requeued":
+                self.send(job, Kind.BILLED, usage=usage)  # what the record bills: the gateway's TPM charges it
+            await self.replies.sent(job.reply_to)
             message, job.message = job.message, None
             if message is not None:
                 try:

@@ -8,8 +8,45 @@ write-ahead log, sent from there when the stream is back (also after a crash and
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any
+
 from dispatcher.ledger import Ledger, wal_setting
 from dispatcher.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from worker.backends import Backend
+
+# Seconds the end of a request cut short may spend asking the server to count its prompt.
+PROMPT_COUNT_TIMEOUT = 2.0
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers, for estimates
+
+
+async def prompt_tokens(backend: Backend, endpoint: str, body: dict[str, Any] | None) -> int:
+    """The prompt tokens of a request cut short without the server's usage (it was prefilled all the
+    same): the server's own count where its adapter knows how to ask (``Backend.count_prompt``,
+    bounded by ``PROMPT_COUNT_TIMEOUT``), else an estimate (the record is marked estimated either way,
+    its completion tokens being counted from the chunks). Only ever called for such requests."""
+    if body is None:
+        return 0
+    count = await backend.count_prompt(endpoint, body, PROMPT_COUNT_TIMEOUT)
+    return estimate_prompt_tokens(body) if count is None else count
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """About as many tokens as the prompt's text has characters / 4 (at least 1)."""
+    return max(1, math.ceil(_text_length(body.get("messages", body.get("prompt"))) / CHARS_PER_TOKEN))
+
+
+def _text_length(value: Any) -> int:
+    """Characters of text in a prompt, a message list or content parts (images etc. are not counted)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        return _text_length(value.get("content")) + _text_length(value.get("text"))
+    return 0
 
 
 class UsageLedger(Ledger):
