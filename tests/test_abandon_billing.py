@@ -101,7 +101,10 @@ async def abandon(http: httpx.AsyncClient, stack: Stack, secret: str, user: str,
 async def ledger_records(stream: str, since: float, token: str, count: int) -> list[UsageRecord]:
     deadline, records = time.monotonic() + 20, []
     while time.monotonic() < deadline:
-        records = [r for r in await read_usage(STREAM_URL, stream, since) if r.token == token]
+        # Refusals (429) are recorded too, with 0 tokens: only served requests are billed here.
+        records = [
+            r for r in await read_usage(STREAM_URL, stream, since) if r.token == token and r.outcome != "rejected"
+        ]
         if len(records) >= count:
             break
         await asyncio.sleep(0.3)
