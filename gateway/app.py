@@ -44,7 +44,7 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     token = await state.auth.authenticate(request.headers.get("authorization"))
     record.token = token.name
     body = await request.body()
-    head = parse_head(endpoint, body)
+    head = parse_head(endpoint, body, max_sequences=settings.max_sequences)
     model = head.model or ""
     record.requested_model = model[:64]  # for the log line; metrics get bounded labels only
     # A model without a live worker may still have a queue (configured, or scaled to zero): the
