@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 
+from dispatcher.wire import queue_name
 from tests.stack import Stack
 from tests.test_priority import _sim_log, body, events, stream_text_at
 from tests.test_simulator import wait_for
@@ -35,11 +37,10 @@ async def test_a_freed_slot_goes_to_the_highest_priority_waiting(
     make_stack: type[Stack], slots: int, headroom: str
 ) -> None:
     """The worker's lanes full (the express lane's headroom by long high requests, the normal lane by
-    low ones) and a backlog of low requests in RabbitMQ; then a high request. The next request to
-    start is the high one: no low request starts before it."""
+    low ones) and a backlog of low requests in RabbitMQ; then a high request. Once it waits in its
+    queue, no low request starts before it: the first slot that frees is its."""
     stack = make_stack(env={"DISPATCHER_MAX_QUEUED_PER_TOKEN": "0", "DISPATCHER_PRIORITY_HEADROOM": headroom})
     reserved = slots // 3 if headroom == "auto" else int(headroom)  # the worker's rule for "auto"
-    normal_lane = slots - reserved
     stack.start_simulator(max_num_seqs=slots, decode_ms=10)
     stack.start_worker(slots)
     stack.start_gateway()
@@ -47,28 +48,34 @@ async def test_a_freed_slot_goes_to_the_highest_priority_waiting(
     url = stack.gateway_url + "/v1/completions"
 
     async def run(token: str, user: str, max_tokens: int) -> str:
-        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {token}"}) as client:
             return await stream_text_at(client, url, {**body(user, max_tokens), "model": stack.model})
 
     async def started() -> list[str]:
         return events(await _sim_log(stack), "started")
 
-    # Long enough that none ends before the high request is queued (about 2 s at 10 ms per step).
-    fillers = [asyncio.create_task(run(high_token, f"filler-{i}", 2000)) for i in range(reserved)]
-    tasks = list(fillers)
+    # Lows of several seconds (more under load), so that slots free seldom; fillers longer still.
+    tasks = [asyncio.create_task(run(high_token, f"filler-{i}", 3000)) for i in range(reserved)]
     try:
         if reserved:
-            await wait_for(lambda: _count_is(started, reserved), within=20)
-        tasks += [asyncio.create_task(run(low_token, f"low-{i}", 200)) for i in range(normal_lane + 7)]
-        await wait_for(lambda: _count_is(started, slots), within=20)
-        await asyncio.sleep(0.3)  # the backlog of lows is in RabbitMQ now
-        before = await started()
-        assert len(before) == slots, before  # nothing ended yet
+            await wait_for(lambda: _count_is(started, reserved), within=90)
+        tasks += [asyncio.create_task(run(low_token, f"low-{i}", 500)) for i in range(slots - reserved + 7)]
+        await wait_for(lambda: _count_is(started, slots), within=90)
+        await wait_for(lambda: _ready_is(stack, express=False, n=7), within=30)  # the backlog waits
         high = asyncio.create_task(run(high_token, "high", 3))
         tasks.append(high)
-        await asyncio.wait_for(high, timeout=60)
-        order = await started()
-        assert order.index("high") == len(before), order  # the first slot that freed went to it
+
+        async def high_queued() -> bool:
+            return await _ready_is(stack, express=True, n=1) or "high" in await started()
+
+        await wait_for(high_queued, within=30)
+        await asyncio.sleep(0.3)  # a low delivered just before has reached the server
+        before = await started()
+        await asyncio.wait_for(high, timeout=120)
+        after = (await started())[len(before) :]
+        if "high" in before:  # a slot was free when it arrived
+            return
+        assert after[0] == "high", after  # the first slot that freed went to it
     finally:
         for task in tasks:
             task.cancel()
@@ -77,6 +84,15 @@ async def test_a_freed_slot_goes_to_the_highest_priority_waiting(
 
 async def _count_is(started: Any, n: int) -> bool:
     return len(await started()) >= n
+
+
+async def _ready_is(stack: Stack, *, express: bool, n: int) -> bool:
+    """At least ``n`` messages wait in one of the model's queues."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name(stack.model, express=express), passive=True)
+        return (queue.declaration_result.message_count or 0) >= n
 
 
 # -- model names and lanes ---------------------------------------------------------------------------
