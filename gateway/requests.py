@@ -69,12 +69,6 @@ def parse_head(endpoint: str, body: bytes, *, max_sequences: int = 0) -> Request
         raise APIError(400, "The JSON body of your request is nested too deeply.") from None
     if not head.model:
         raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
-    try:
-        check_model_name(head.model)
-    except InvalidModelName as exc:
-        if exc.reserved:
-            raise APIError(404, str(exc), param="model", code="model_not_found") from None
-        raise APIError(400, str(exc), param="model", code="invalid_value") from None
     _check_sequences(head, max_sequences)
     required = REQUIRED[endpoint]
     raw = getattr(head, required)
@@ -85,6 +79,17 @@ def parse_head(endpoint: str, body: bytes, *, max_sequences: int = 0) -> Request
     if endpoint == "chat/completions" and not bytes(raw).startswith(b"["):
         raise APIError(400, "Invalid type for 'messages': expected an array.", param="messages", code="invalid_type")
     return head
+
+
+def check_model(model: str) -> str:
+    """The model asked for, if a model may have that name (``dispatcher.wire`` decides): 400, or 404
+    for a well-formed name no model is given (the express suffix)."""
+    try:
+        return check_model_name(model)
+    except InvalidModelName as exc:
+        if exc.reserved:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
+        raise APIError(400, str(exc), param="model", code="invalid_value") from None
 
 
 def _check_sequences(head: RequestHead, cap: int) -> None:
