@@ -21,7 +21,7 @@ import aio_pika
 import httpx
 import pytest
 
-from dispatcher.wire import queue_name
+from dispatcher.wire import MAX_MODEL_NAME, InvalidModelName, queue_name, request_queue
 from tests.stack import Stack
 from tests.test_priority import _sim_log, body, events, stream_text_at
 from tests.test_simulator import wait_for
@@ -185,3 +185,14 @@ async def test_sequences_per_request_are_capped(stack: Stack, field: str) -> Non
             chat = {"model": stack.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 128}
             r = await client.post(stack.gateway_url + "/v1/chat/completions", json=chat)
             assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def test_queue_names_come_from_checked_model_names_and_the_priority_alone() -> None:
+    """One mapping, one-to-one: no model name is another model's queue or another lane."""
+    assert request_queue("org/m-7B:q4", 1, 8) == "dispatcher.model.org/m-7B:q4"
+    assert request_queue("org/m-7B:q4", 8, 8) == "dispatcher.model.org/m-7B:q4.express"
+    for bad in ("m.express", "m" * 201, "a b", "a\x00b", "é", "a*", "a#b"):
+        with pytest.raises(InvalidModelName):
+            queue_name(bad)
+    longest = queue_name("m" * MAX_MODEL_NAME, express=True)
+    assert len(longest.encode()) <= 255  # an AMQP short string
