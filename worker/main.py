@@ -196,8 +196,9 @@ class Worker:
         job = Job.from_message(message, self.id)
         job.lane, job.consumer_tag = lane, tag
         if not self.accepting or len(self.jobs) >= self.settings.max_concurrency or not self.consumer.admits(lane):
-            # Draining, or delivered in the moment a lane's consumer was being replaced: back to the
-            # queue, at its place (the consumers are paused meanwhile, so it is not handed back to us).
+            # Draining, or delivered in the moment a lane's consumer was being replaced (beyond the free
+            # slots or the lane's cap): back to the queue, at its place (the consumers are paused
+            # meanwhile, so it is not handed back to us).
             self.consumer.changed()
             await message.nack(requeue=True)
             return
