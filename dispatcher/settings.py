@@ -114,6 +114,9 @@ class GatewaySettings(CommonSettings):
     max_buffered_bytes: int = field(default_factory=lambda: _env_int("MAX_BUFFERED_BYTES", 4 << 20))
     # Seconds a publish may take before the request is refused with 503.
     publish_timeout: float = field(default_factory=lambda: _env_float("PUBLISH_TIMEOUT", 10.0))
+    # Sequences one request may ask for with n or best_of (each runs in the server's batch, while the
+    # request takes one worker slot): above, 400. OpenAI allows n up to 128; 0: no cap.
+    max_sequences: int = field(default_factory=lambda: _env_int("MAX_SEQUENCES", 8))
     # Port of /metrics, apart from the API port so that an Ingress routing the API does not publish it
     # (0: /metrics on the API port).
     metrics_port: int = field(default_factory=lambda: _env_int("METRICS_PORT", 9091))

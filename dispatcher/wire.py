@@ -8,6 +8,7 @@ message per token tops out near 2,000 messages/s on a small machine.
 from __future__ import annotations
 
 import enum
+import re
 
 import msgspec
 
@@ -39,9 +40,53 @@ def unix_ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+# -- model names and their queues: the only place a client's string turns into a broker name ---------
+
+# AMQP names are at most 255 bytes: the prefix, a model name and the express suffix must fit.
+MAX_MODEL_NAME = 200
+EXPRESS_SUFFIX = ".express"
+# What real model names use (Hugging Face "org/name-7B", Ollama "name:tag", "name@revision", LoRA names).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]+")
+
+
+class InvalidModelName(ValueError):
+    """A string that can be no model's name. ``reserved``: a well-formed name we never give a model."""
+
+    def __init__(self, message: str, *, reserved: bool = False) -> None:
+        super().__init__(message)
+        self.reserved = reserved
+
+
+def check_model_name(model: str) -> str:
+    """``model`` if a model may have that name, else InvalidModelName (its message is for the client).
+
+    A name ending in the express suffix is refused, so that no model's normal queue is another's
+    express queue (the mapping below is one-to-one).
+    """
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidModelName(f"Invalid 'model': at most {MAX_MODEL_NAME} characters, got {len(model)}.")
+    if not _MODEL_NAME.fullmatch(model):
+        raise InvalidModelName(
+            "Invalid 'model': a model name is made of letters, digits and the characters . _ - : / @ +"
+        )
+    if model.endswith(EXPRESS_SUFFIX):
+        raise InvalidModelName(f"The model `{model}` does not exist.", reserved=True)
+    return model
+
+
+def is_express(priority: int, express_priority: int) -> bool:
+    """Whether requests of this token priority use the express lane: decided by the priority alone."""
+    return priority >= express_priority
+
+
 def queue_name(model: str, *, express: bool = False) -> str:
     """A model's queue; the express one carries priorities at or above the express threshold."""
-    return QUEUE_PREFIX + model + (".express" if express else "")
+    return QUEUE_PREFIX + check_model_name(model) + (EXPRESS_SUFFIX if express else "")
+
+
+def request_queue(model: str, priority: int, express_priority: int) -> str:
+    """The queue a request of this priority for this model goes to (the lane never comes from the client)."""
+    return queue_name(model, express=is_express(priority, express_priority))
 
 
 QUEUE_TYPES = ("classic", "quorum")

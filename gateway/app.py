@@ -29,7 +29,7 @@ from gateway.limits import RateLimiter
 from gateway.metrics_port import MetricsPort
 from gateway.openapi import operation_with_body
 from gateway.relay import ClientWatch, Relay, SSEResponse
-from gateway.requests import parse_head
+from gateway.requests import check_model, parse_head
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -44,9 +44,11 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     token = await state.auth.authenticate(request.headers.get("authorization"))
     record.token = token.name
     body = await request.body()
-    head = parse_head(endpoint, body)
+    head = parse_head(endpoint, body, max_sequences=settings.max_sequences)
     model = head.model or ""
     record.requested_model = model[:64]  # for the log line; metrics get bounded labels only
+    record.model = UNKNOWN_MODEL
+    check_model(model)  # before it names a queue
     # A model without a live worker may still have a queue (configured, or scaled to zero): the
     # publish finds out (404 when no queue exists). Until then its metrics label stays bounded.
     known = broker.registry.knows(model)

@@ -45,12 +45,14 @@ from dispatcher.wire import (
     GatewayAlive,
     GatewayGone,
     Kind,
+    check_model_name,
     control_decoder,
     control_encoder,
     frames_decoder,
     message_priority,
     queue_arguments,
     queue_name,
+    request_queue,
     unix_ms,
 )
 
@@ -97,7 +99,8 @@ class ModelRegistry:
 class GatewayBroker:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry([m.strip() for m in settings.models.split(",") if m.strip()])
+        configured = [check_model_name(m.strip()) for m in settings.models.split(",") if m.strip()]
+        self.registry = ModelRegistry(configured)
         self.pending: dict[str, Inbox] = {}
         self.name = f"gw-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.incarnation = ""  # changes with every reply connection
@@ -200,6 +203,7 @@ class GatewayBroker:
         channel = self._underlay
         if not self.ready or channel is None:
             raise APIError(503, "The gateway is not connected to the message broker; try again shortly.")
+        routing_key = request_queue(model, priority, self.settings.express_priority)  # model checked by then
         inbox = Inbox(request_id, model, max_buffered_bytes=self.settings.max_buffered_bytes)
         self.pending[request_id] = inbox
         # aiormq's publish directly (aio-pika's Message and Exchange.publish cost more than the rest
@@ -214,7 +218,6 @@ class GatewayBroker:
             headers={**headers, H_GATEWAY: self.incarnation},
         )
         try:
-            routing_key = queue_name(model, express=priority >= self.settings.express_priority)
             await channel.basic_publish(body, routing_key=routing_key, properties=properties, mandatory=True)
         except PublishError as exc:  # returned: no queue for this model (nobody configured or served it)
             self.pending.pop(request_id, None)

@@ -12,6 +12,7 @@ import re
 import msgspec
 
 from dispatcher.errors import APIError
+from dispatcher.wire import InvalidModelName, check_model_name
 
 # Fields each endpoint cannot do without (OpenAI answers 400 when one is missing).
 REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
@@ -30,6 +31,8 @@ class RequestHead(msgspec.Struct):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    n: int | None = None  # choices: each one a sequence of the server's batch
+    best_of: int | None = None  # completions: sequences generated, of which n are returned
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
     input: msgspec.Raw = msgspec.Raw()
@@ -50,7 +53,8 @@ _TYPE_NAMES = {
 }
 
 
-def parse_head(endpoint: str, body: bytes) -> RequestHead:
+def parse_head(endpoint: str, body: bytes, *, max_sequences: int = 0) -> RequestHead:
+    """The fields the gateway routes by, checked; ``max_sequences``: the cap of n and best_of (0: none)."""
     if not body.strip():
         raise APIError(400, "The request body is empty; expected a JSON object.")
     try:
@@ -65,6 +69,7 @@ def parse_head(endpoint: str, body: bytes) -> RequestHead:
         raise APIError(400, "The JSON body of your request is nested too deeply.") from None
     if not head.model:
         raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
+    _check_sequences(head, max_sequences)
     required = REQUIRED[endpoint]
     raw = getattr(head, required)
     if not len(raw) or bytes(raw) == b"null":
@@ -74,6 +79,33 @@ def parse_head(endpoint: str, body: bytes) -> RequestHead:
     if endpoint == "chat/completions" and not bytes(raw).startswith(b"["):
         raise APIError(400, "Invalid type for 'messages': expected an array.", param="messages", code="invalid_type")
     return head
+
+
+def check_model(model: str) -> str:
+    """The model asked for, if a model may have that name (``dispatcher.wire`` decides): 400, or 404
+    for a well-formed name no model is given (the express suffix)."""
+    try:
+        return check_model_name(model)
+    except InvalidModelName as exc:
+        if exc.reserved:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
+        raise APIError(400, str(exc), param="model", code="invalid_value") from None
+
+
+def _check_sequences(head: RequestHead, cap: int) -> None:
+    """One request runs n (or best_of) sequences in the server's batch, in one of the worker's slots:
+    beyond the cap it would crowd out other tenants' requests without waiting for slots."""
+    if not cap:
+        return
+    for name in ("n", "best_of"):
+        value = getattr(head, name)
+        if value is not None and value > cap:
+            raise APIError(
+                400,
+                f"Invalid '{name}': at most {cap} sequences per request on this service, got {value}.",
+                param=name,
+                code="invalid_value",
+            )
 
 
 def _type_error(message: str) -> APIError:

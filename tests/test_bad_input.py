@@ -49,6 +49,8 @@ CHECKED: dict[str, set[str]] = {
     "max_tokens": {"int", "null"},
     "max_completion_tokens": {"int", "null"},
     "messages": {"list"},
+    "n": {"int", "null"},
+    "best_of": {"int", "null"},
 }
 
 

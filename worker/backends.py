@@ -134,7 +134,8 @@ class Backend:
         """Add what the worker needs to a request body, in place; returns whether the client asked for usage.
 
         Streams always ask for usage (to account for it); a usage-only chunk the client did not ask for is
-        dropped again (``events.inspect(event).usage_only``). Priority goes only to servers that take it.
+        dropped again (``events.inspect(event).usage_only``). Priority goes only to servers that take it; a
+        ``priority`` the client sent is replaced by the token's, or removed.
         """
         wants_usage = True
         if stream:
@@ -146,6 +147,8 @@ class Backend:
         value = self.priority_value(priority)
         if value is not None:
             body["priority"] = value
+        else:  # the scheduling priority is the token's, never the client's own choice
+            body.pop("priority", None)
         return wants_usage
 
     async def count_prompt(self, endpoint: str, body: dict[str, Any], timeout: float) -> int | None:

@@ -9,8 +9,9 @@ the other lane freed slots) it is replaced by one with the new room.
 
 Two lanes: the normal queue (at most ``max_concurrency - headroom`` running) and the express queue
 (any free slot): the headroom is room inside the server's batch that a high priority never waits
-for. Once the express lane has used its headroom, a freed slot goes to a waiting express request
-before the normal lane. While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
+for. Beyond it, and with no headroom at all (a worker of one or two slots), a freed slot goes to a
+waiting express request before the normal lane: every express priority is above every normal one.
+While vLLM is unhealthy, backlogged or we drain, nothing is consumed.
 
 This runs on its own AMQP connection: a broker memory alarm blocks publishing connections, and
 must not block our acks.
@@ -32,6 +33,8 @@ from dispatcher.settings import WorkerSettings
 from dispatcher.wire import CONTROL_EXCHANGE, queue_arguments, queue_name
 
 log = logging.getLogger("dispatcher.worker.consumer")
+
+NORMAL, EXPRESS = 0, 1  # lane indexes (Job.lane)
 
 OnMessage = Callable[[AbstractIncomingMessage, int, str], Awaitable[None]]
 
@@ -150,11 +153,16 @@ class Consumer:
                 return
             wanted, free = self.wanted(), self.free()
             try:
-                reserve = await self._express_claim(free) if wanted else 0
-                for index, lane in enumerate(self.lanes):
-                    available = free - reserve if index == 0 else free  # the normal lane leaves the reserve
-                    room = min(lane.cap - lane.running, available) if wanted else 0
-                    if lane.tag is not None and (room <= 0 or room > lane.prefetch - lane.taken):
+                rooms = await self._rooms(free) if wanted else (0, 0)
+                # The express lane first: when both lanes get a window at once, its consumer is the older.
+                for index in (EXPRESS, NORMAL):
+                    lane, room = self.lanes[index], rooms[index]
+                    window = lane.prefetch - lane.taken
+                    # A window larger than the room is tolerated in the express lane (the higher one; a
+                    # message beyond the free slots goes straight back), never in the normal lane: it
+                    # would take a slot a waiting express request was given.
+                    shrunk = index == NORMAL and window > room
+                    if lane.tag is not None and (room <= 0 or room > window or shrunk):
                         tag, lane.tag = lane.tag, None
                         await lane.queue.cancel(tag)
                     if room > 0 and lane.tag is None:
@@ -164,23 +172,39 @@ class Consumer:
             except Exception as exc:  # broker down: the next connection starts over
                 log.warning("could not change consuming state: %s", type(exc).__name__)
 
-    async def _express_claim(self, free: int) -> int:
-        """Free slots that waiting express requests get before the normal lane.
-
-        Within its headroom the express lane never competes; once it has used the headroom, both lanes
-        want each freed slot, and whichever consumer the broker serves first would take it. Only
-        then the express queue is asked how many wait (one round trip per freed slot, under load).
-        """
+    async def _rooms(self, free: int) -> tuple[int, int]:
+        """How many requests each lane may take now (normal, express), never more than the free slots."""
         normal, express = self.lanes
-        headroom = self.settings.max_concurrency - normal.cap
-        if free <= 0 or headroom <= 0 or express.running < headroom or normal.running >= normal.cap:
+        normal_room = max(0, min(normal.cap - normal.running, free))
+        express_room = max(0, min(express.cap - express.running, free))
+        if normal_room > 0:
+            normal_room -= await self._express_claim(normal_room, express_room)
+        return normal_room, express_room
+
+    async def _express_claim(self, normal_room: int, express_room: int) -> int:
+        """Of the normal lane's room, the slots that waiting express requests get first.
+
+        Both lanes want every slot the normal lane could take; whichever consumer the broker served
+        first would get it, and a normal consumer's window refills on every ack. So while the express
+        lane has no window of its own open (its requests would be delivered there at once), the express
+        queue is asked how many wait: one round trip per freed slot, under load only. Whatever the
+        headroom, 0 included: a slot that frees goes to a waiting express request first.
+        """
+        express = self.lanes[EXPRESS]
+        if express.tag is not None and express.prefetch - express.taken > 0:
             return 0
         try:
             waiting = await self._count(express, timeout=1)
         except Exception as exc:  # no answer at once: nothing reserved, the lanes share as before
             log.debug("could not count the express lane's messages: %s", type(exc).__name__)
             return 0
-        return min(free, waiting)
+        exclusive = max(0, express_room - normal_room)  # free slots only the express lane may use
+        return min(normal_room, max(0, waiting - exclusive))
+
+    def admits(self, lane: int) -> bool:
+        """Whether a request just delivered by this lane fits its cap (a replaced consumer's window may
+        have let one more through)."""
+        return lane >= len(self.lanes) or self.lanes[lane].running < self.lanes[lane].cap
 
     def _deliver(self, lane: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def deliver(message: AbstractIncomingMessage) -> None:

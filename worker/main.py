@@ -34,12 +34,14 @@ from dispatcher.wire import (
     GatewayAlive,
     GatewayGone,
     Kind,
+    check_model_name,
     control_decoder,
     control_encoder,
+    is_express,
 )
 from worker.accounting import WorkerAccounting
 from worker.backends import Load, make_backend
-from worker.consumer import Consumer
+from worker.consumer import EXPRESS, Consumer
 from worker.control import GatewayWatch
 from worker.job import Job
 from worker.replies import ReplySender
@@ -56,6 +58,7 @@ class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         if not settings.model:
             raise ValueError("the worker needs a model name (--model or DISPATCHER_MODEL)")
+        check_model_name(settings.model)  # its queues are named after it
         self.settings = settings
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.vllm = VLLMClient(settings.vllm_url, settings.vllm_api_key, concurrency=settings.max_concurrency)
@@ -196,9 +199,10 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage, lane: int, tag: str) -> None:
         job = Job.from_message(message, self.id)
         job.lane, job.consumer_tag = lane, tag
-        if not self.accepting or len(self.jobs) >= self.settings.max_concurrency:
-            # Draining, or delivered in the moment a lane's consumer was being replaced: back to the
-            # queue, at its place (the consumers are paused meanwhile, so it is not handed back to us).
+        if not self.accepting or len(self.jobs) >= self.settings.max_concurrency or not self.consumer.admits(lane):
+            # Draining, or delivered in the moment a lane's consumer was being replaced (beyond the free
+            # slots or the lane's cap): back to the queue, at its place (the consumers are paused
+            # meanwhile, so it is not handed back to us).
             self.consumer.changed()
             await message.nack(requeue=True)
             return
@@ -216,11 +220,35 @@ class Worker:
             await self.runner.settle(job, "cancelled")
             return
         self.replies.open(job.gateway, job.reply_to)  # its gateway listens: connect for the replies
+        if lane == EXPRESS and not is_express(job.priority, self.settings.express_priority):
+            await self._refuse_lane(job)
+            return
         if job.expired():
-            self.runner.send(job, Kind.ERROR, error_body(504, "The request timed out waiting in the queue."), 504)
-            await self.runner.settle(job, "error")
+            await self._refuse(job, 504, error_body(504, "The request timed out waiting in the queue."))
             return
         self.runner.start(job)
+
+    async def _refuse_lane(self, job: Job) -> None:
+        """A request in the express queue without an express priority: not published by a gateway of
+        this deployment's settings (gateways route by the token's priority alone). Not served from
+        the headroom kept for high priorities."""
+        express = self.settings.express_priority
+        log.error(
+            "refusing a request of priority %d from the express queue (express from %d): check that gateways "
+            "and workers agree on DISPATCHER_EXPRESS_PRIORITY",
+            job.priority,
+            express,
+            extra={"request_id": job.request_id},
+        )
+        message = f"Priority {job.priority} does not belong to the express lane (priorities from {express})."
+        await self._refuse(job, 403, error_body(403, message, code="lane_not_allowed"))
+
+    async def _refuse(self, job: Job, status: int, body: bytes) -> None:
+        """Answer a dequeued request with an error instead of serving it. ACCEPTED first: the gateway
+        takes an attempt's frames only after its ACCEPTED."""
+        self.runner.send(job, Kind.ACCEPTED)
+        self.runner.send(job, Kind.ERROR, body, status)
+        await self.runner.settle(job, "error")
 
     def _released(self, job: Job) -> None:
         if self.jobs.get(job.request_id) is job:
