@@ -63,6 +63,7 @@ class Request:
     first_token_at: float | None = None
     done_at: float | None = None
     estimate: float = 0.0  # output tokens charged in advance when the request was picked
+    then: Callable[[Request], None] | None = None  # the client's next step when the answer has ended
 
 
 @dataclass
@@ -131,7 +132,7 @@ class FairnessModel(Clock):
         request = Request(
             tenant, tenant.prompt, lengths(tenant.distribution, tenant.mean_tokens, self.rng), self.now, tenant.gateway
         )
-        request.then = then  # type: ignore[attr-defined]
+        request.then = then
         self.home[tenant.name] = tenant.gateway
         self.sent[tenant.name] += 1
         self.at(self.hop(self.latency.to_queue), lambda: self.arrive(request))
@@ -349,9 +350,8 @@ class FairnessModel(Clock):
                 self.typical[name] = 0.8 * self.typical.get(name, seq.generated) + 0.2 * seq.generated
                 request.done_at = at_client
                 self.done.append(request)
-                then = getattr(request, "then", None)
-                if then is not None:
-                    then(request)
+                if request.then is not None:
+                    request.then(request)
                 self.at(self.hop(self.latency.next_delivery), lambda: self.slot_freed(worker))
         self.step(worker)
 
