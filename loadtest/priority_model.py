@@ -51,38 +51,19 @@ class Request:
     first_token_at: float | None = None
 
 
-@dataclass
-class Model:
-    cand: Candidate
-    distribution: str
-    args: argparse.Namespace
-    latency: Latency = field(default_factory=Latency)
+class Clock:
+    """Virtual time: a heap of (time, order, action); ``run`` executes actions in time order."""
 
-    def __post_init__(self) -> None:
-        a = self.args
-        self.rng = random.Random(a.seed)
-        self.engine = Engine(
-            self.cand.server_seqs,
-            decode_ms=a.decode_ms,
-            decode_ms_per_seq=a.decode_ms_per_seq,
-            prefill_ms=a.prefill_ms,
-            policy=self.cand.policy,
-            log_size=1,
-        )
+    def start_clock(self, seed: int, jitter: float) -> None:
+        self.rng = random.Random(seed)
+        self.jitter = jitter
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
-        self.queues: tuple[list[tuple[int, int, Request]], list[tuple[int, int, Request]]] = ([], [])
-        self.in_worker = [0, 0]  # requests held by the worker, per lane
-        self.engine_busy = False
-        self.requests: dict[int, Request] = {}  # id(seq) -> request
-        self.low_tokens: list[float] = []  # times low tokens reach their client
-        self.high_done: list[Request] = []
-
-    # -- event loop ---------------------------------------------------------------------------
 
     def hop(self, latency: float) -> float:
-        return latency * self.rng.uniform(1 - self.args.jitter, 1 + self.args.jitter)
+        """One hop's latency, drawn uniformly within +-jitter of ``latency``."""
+        return latency * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
 
     def at(self, delay: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (self.now + delay, next(self._order), action))
@@ -92,6 +73,32 @@ class Model:
             self.now, _, action = heapq.heappop(self._events)
             action()
         self.now = until
+
+
+@dataclass
+class Model(Clock):
+    cand: Candidate
+    distribution: str
+    args: argparse.Namespace
+    latency: Latency = field(default_factory=Latency)
+
+    def __post_init__(self) -> None:
+        a = self.args
+        self.start_clock(a.seed, a.jitter)
+        self.engine = Engine(
+            self.cand.server_seqs,
+            decode_ms=a.decode_ms,
+            decode_ms_per_seq=a.decode_ms_per_seq,
+            prefill_ms=a.prefill_ms,
+            policy=self.cand.policy,
+            log_size=1,
+        )
+        self.queues: tuple[list[tuple[int, int, Request]], list[tuple[int, int, Request]]] = ([], [])
+        self.in_worker = [0, 0]  # requests held by the worker, per lane
+        self.engine_busy = False
+        self.requests: dict[int, Request] = {}  # id(seq) -> request
+        self.low_tokens: list[float] = []  # times low tokens reach their client
+        self.high_done: list[Request] = []
 
     # -- clients -----------------------------------------------------------------------------
 
