@@ -156,7 +156,8 @@ class Inbox:
                 if self._answer_bytes > self.max_answer_bytes and self.state is not State.ENDED:
                     self._drop_buffered()
                     limit = self.max_answer_bytes
-                    self._end(502, f"The answer is larger than this gateway's limit of {limit} bytes.")
+                    message = f"The answer is larger than this gateway's limit of {limit} bytes."
+                    self._end(502, message, code="answer_too_large")
                     return False
         elif self._buffered_bytes > self.max_buffered_bytes and self.state is not State.ENDED:
             # The client reads slower than the answer comes: bound the memory it can pin.
@@ -170,10 +171,11 @@ class Inbox:
         self._frames.clear()
         self._buffered_bytes = 0
 
-    def _end(self, status: int, message: str) -> None:
+    def _end(self, status: int, message: str, code: str | None = None) -> None:
         """End the request here with an error frame of our own (attempt "")."""
         self.state = State.ENDED
-        self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
+        body = error_body(status, message, code=code)
+        self._frames.append(Frame(self.request_id, Kind.ERROR, body, status=status))
         self._wake()
 
     # -- from the gateway ----------------------------------------------------------------------

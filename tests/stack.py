@@ -132,12 +132,12 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0) -> Process:
+    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0, *extra: str) -> Process:
         port = free_port()
         process = self.spawn(
             "simulator",
             "simulate", "--model", self.model, "--port", str(port),
-            "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
+            "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms), *extra,
         )  # fmt: skip
         self.simulator_url = f"http://127.0.0.1:{port}"
         wait_http(self.simulator_url + "/health")

@@ -196,7 +196,7 @@ class JobRunner:
         if reason == "timeout":  # a whole answer past VLLM_REQUEST_TIMEOUT: this request's fault, not vLLM's
             limit = self.settings.vllm_request_timeout
             message = f"The inference server did not finish the answer within {limit:g} s."
-            self.send(job, Kind.ERROR, error_body(504, message), 504)
+            self.send(job, Kind.ERROR, error_body(504, message, code="inference_timeout"), 504)
             return "error"
         if reason == "stall":
             self.vllm_failed("no bytes from vLLM for too long")
