@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -25,8 +26,9 @@ import psutil
 import pytest
 
 from dispatcher.wire import Frame, Kind, frames_encoder
+from tests.amqp_audit import AuditProxy
 from tests.faults import chat, sim_log, until_event
-from tests.stack import Process, Stack, free_port
+from tests.stack import AMQP_URL, Process, Stack, free_port
 from worker.replies import MAX_BATCH_BYTES, _batches
 from worker.serve import WHOLE_CHUNK
 
@@ -110,11 +112,17 @@ async def test_a_whole_answer_past_the_request_timeout_is_a_504(slow: Stack) -> 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The worker reaches RabbitMQ through a recording proxy: the size of each message it publishes."""
+    proxy = AuditProxy(urlsplit(AMQP_URL.split(",")[0]).port or 5672).open()
     stack = Stack(tmp_path_factory.mktemp("big"))
+    stack.proxy = proxy  # type: ignore[attr-defined]
     try:
-        yield _start(stack)
+        yield _start(stack, worker={"DISPATCHER_AMQP_URL": proxy.url()})
     finally:
-        stack.close()
+        try:
+            stack.close()
+        finally:
+            proxy.close()
 
 
 def _inputs(count: int) -> list[str]:
@@ -162,6 +170,11 @@ async def test_embeddings_of_2048_inputs_of_1024_dimensions(big: Stack) -> None:
         f"peak RSS gateway {_peak_rss(gateway) / 2**20:.0f} MiB, worker {_peak_rss(_worker(big)) / 2**20:.0f} MiB"
     )
     assert len(response.content) > 30e6
+    # Carried by several messages, each well under RabbitMQ 4.x's default max_message_size (16 MiB).
+    sizes = big.proxy.body_sizes()  # type: ignore[attr-defined]
+    large = [size for size in sizes if size > 1 << 20]
+    print(f"worker messages above 1 MiB: {len(large)}, largest {max(sizes) / 2**20:.1f} MiB")
+    assert len(large) >= 8 and max(sizes) < 8 << 20
     assert answer["data"] == expected["data"] and answer["usage"] == expected["usage"]
 
 
