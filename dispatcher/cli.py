@@ -101,6 +101,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         scheduling_policy=args.scheduling_policy,
         kv_cache_tokens=args.kv_cache_tokens,
         max_model_len=args.max_model_len,
+        line_ending=args.line_ending,
     )
 
 
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM's waiting-queue order (vLLM's own default is fcfs)")  # fmt: skip
     p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size in tokens; when full, vLLM-style preemption")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--line-ending", choices=("lf", "crlf"), default="lf", help="line ends of SSE streams")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("tokens", help="manage API tokens")

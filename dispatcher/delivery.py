@@ -58,6 +58,7 @@ class Inbox:
     """The gateway's side for one request: accepts, orders and buffers its frames."""
 
     __slots__ = (
+        "_answer_bytes",
         "_buffered_bytes",
         "_deadline",
         "_frames",
@@ -69,6 +70,7 @@ class Inbox:
         "attempt",
         "created_at",
         "end_reason",
+        "max_answer_bytes",
         "max_buffered_bytes",
         "model",
         "on_abandon",
@@ -77,10 +79,16 @@ class Inbox:
         "state",
     )
 
-    def __init__(self, request_id: str, model: str, *, max_buffered_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self, request_id: str, model: str, *, max_buffered_bytes: int = 4 << 20, max_answer_bytes: int | None = None
+    ) -> None:
+        """A streamed answer is bounded by what waits for its reader (``max_buffered_bytes``); a whole
+        (non-streamed) one, given ``max_answer_bytes``, is held until complete: only its size is bounded."""
         self.request_id = request_id
         self.model = model
         self.max_buffered_bytes = max_buffered_bytes
+        self.max_answer_bytes = max_answer_bytes
+        self._answer_bytes = 0  # body bytes of the current attempt (whole answers)
         self.state = State.WAITING
         self.end_reason = ""  # why the gateway ended it itself (metrics): gap, attempt_lost, overflow...
         self.attempt = ""  # the current attempt
@@ -112,12 +120,14 @@ class Inbox:
         if frame.kind is Kind.REQUEUED:
             # Back in the queue: drop what this attempt sent (a HEAD at most) and wait again.
             self._drop_buffered()
+            self._answer_bytes = 0
             self.state, self.attempt, self.accepted_at = State.WAITING, "", None
             self._wake()
             return []
         if frame.kind in (Kind.END, Kind.ERROR):
             self.state = State.ENDED
-        self._append(frame)
+        if not self._append(frame):
+            return [frame.attempt]  # ended here (too large, or read too slowly): its worker stops
         return []
 
     def _other_attempt(self, frame: Frame) -> list[str]:
@@ -130,30 +140,45 @@ class Inbox:
             return [frame.attempt]
         stale = [self.attempt] if self.attempt else []
         self._drop_buffered()
+        self._answer_bytes = 0
         self.state, self.attempt, self._next_seq = State.RUNNING, frame.attempt, 1
         self.accepted_at = time.monotonic()
         self._append(frame)
         return stale
 
-    def _append(self, frame: Frame) -> None:
+    def _append(self, frame: Frame) -> bool:
+        """Buffer the frame; False when that ended the request (a bound was passed)."""
         self._frames.append(frame)
-        self._buffered_bytes += len(frame.data)
-        if self._buffered_bytes > self.max_buffered_bytes and self.state is not State.ENDED:
+        size = len(frame.data)
+        self._buffered_bytes += size
+        if self.max_answer_bytes is not None:
+            # A whole answer is read as a whole: no reader lags behind it, only its size is bounded.
+            if frame.kind is Kind.DATA:
+                self._answer_bytes += size
+                if self._answer_bytes > self.max_answer_bytes and self.state is not State.ENDED:
+                    self._drop_buffered()
+                    limit = self.max_answer_bytes
+                    message = f"The answer is larger than this gateway's limit of {limit} bytes."
+                    self._end(502, message, "overflow", code="answer_too_large")
+                    return False
+        elif self._buffered_bytes > self.max_buffered_bytes and self.state is not State.ENDED:
             # The client reads slower than the answer comes: bound the memory it can pin.
             self._drop_buffered()
             self._end(502, "The client read the answer too slowly; the stream was stopped.", "overflow")
-            return
+            return False
         self._wake()
+        return True
 
     def _drop_buffered(self) -> None:
         self._frames.clear()
         self._buffered_bytes = 0
 
-    def _end(self, status: int, message: str, reason: str) -> None:
+    def _end(self, status: int, message: str, reason: str, code: str | None = None) -> None:
         """End the request here with an error frame of our own (attempt "")."""
         self.state = State.ENDED
         self.end_reason = reason
-        self._frames.append(Frame(self.request_id, Kind.ERROR, error_body(status, message), status=status))
+        body = error_body(status, message, code=code)
+        self._frames.append(Frame(self.request_id, Kind.ERROR, body, status=status))
         self._wake()
 
     # -- from the gateway ----------------------------------------------------------------------

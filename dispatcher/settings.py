@@ -112,6 +112,9 @@ class GatewaySettings(CommonSettings):
     models: str = field(default_factory=lambda: _env("MODELS", ""))
     # Bytes of answer buffered for one stream whose client reads slowly; beyond, the stream ends.
     max_buffered_bytes: int = field(default_factory=lambda: _env_int("MAX_BUFFERED_BYTES", 4 << 20))
+    # Bytes of one non-streamed answer (a JSON body, e.g. embeddings) the gateway accepts; beyond, 502.
+    # Whole answers are held until complete, so this, not MAX_BUFFERED_BYTES, bounds their memory.
+    max_answer_bytes: int = field(default_factory=lambda: _env_int("MAX_ANSWER_BYTES", 128 << 20))
     # Seconds a publish may take before the request is refused with 503.
     publish_timeout: float = field(default_factory=lambda: _env_float("PUBLISH_TIMEOUT", 10.0))
     # Sequences one request may ask for with n or best_of (each runs in the server's batch, while the
@@ -157,6 +160,9 @@ class WorkerSettings(CommonSettings):
     flush_interval: float = field(default_factory=lambda: _env_float("FLUSH_INTERVAL", 0.005))
     # Seconds without a byte from vLLM before a request is aborted as stalled (0: never).
     vllm_stall_timeout: float = field(default_factory=lambda: _env_float("VLLM_STALL_TIMEOUT", 120.0))
+    # Seconds a non-streamed request may take in all (the server sends nothing until it is done, so
+    # the stall timeout cannot apply); then it is aborted with 504 (0: never).
+    vllm_request_timeout: float = field(default_factory=lambda: _env_float("VLLM_REQUEST_TIMEOUT", 1800.0))
     # Send vLLM a per-tenant cache_salt (HMAC of the token name under CACHE_SALT_KEY), so tenants
     # never share prefix-cache blocks (see docs/tenancy.md).
     cache_salt: bool = field(default_factory=lambda: _env_bool("CACHE_SALT", False))

@@ -69,8 +69,15 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
     if traceparent := request.headers.get("traceparent"):
         headers[H_TRACEPARENT] = traceparent
 
+    streamed = bool(head.stream) and endpoint != "embeddings"
     publish = broker.publish(
-        request_id, model, body, priority=priority, headers=headers, expiration=settings.queue_timeout
+        request_id,
+        model,
+        body,
+        priority=priority,
+        headers=headers,
+        expiration=settings.queue_timeout,
+        whole=not streamed,
     )
     watch = ClientWatch(request.receive)  # one watcher for the request's whole life
     streaming = False
@@ -99,7 +106,7 @@ async def dispatch(request: Request, state: State, endpoint: str) -> Response:
         )
         record.published()
         response_headers = {"x-request-id": request_id, **admission.headers}
-        if head.stream and endpoint != "embeddings":
+        if streamed:
             response = await _streamed(watch, exchange, response_headers)
             streaming = isinstance(response, SSEResponse)  # the stream stops the watch when it ends
             return response
@@ -125,7 +132,7 @@ async def _streamed(watch: ClientWatch, exchange: Relay, headers: dict[str, str]
         return Response(b"", status_code=499)
     status, content_type, frames = result
     if status not in (0, 200):  # vLLM refused it: its status and body, unchanged
-        body = await exchange.body(frames)
+        status, body = await exchange.body(frames, status)
         exchange.close()
         return Response(body, status_code=status, media_type=JSON, headers=headers)
     return SSEResponse(exchange, watch, frames, content_type.split(";")[0].strip() or "text/event-stream", headers)
@@ -133,8 +140,10 @@ async def _streamed(watch: ClientWatch, exchange: Relay, headers: dict[str, str]
 
 async def _whole(watch: ClientWatch, exchange: Relay, headers: dict[str, str]) -> Response:
     async def answer() -> tuple[int, str, bytes]:
-        status, content_type, frames = await exchange.head(commit_after=None)
-        return status, content_type, await exchange.body(frames)
+        head_status, content_type, frames = await exchange.head(commit_after=None)
+        status, body = await exchange.body(frames, head_status)
+        # The status is the one the answer ended with: an error after a 200 HEAD is that error.
+        return status, content_type if status == head_status else JSON, body
 
     try:
         result = await watch.race(asyncio.ensure_future(answer()))

@@ -198,13 +198,20 @@ class GatewayBroker:
         priority: int,
         headers: dict[str, aio_pika.abc.FieldValue],
         expiration: float,
+        whole: bool = False,
     ) -> Inbox:
-        """Queue a request; returns its inbox. Raises APIError when it can't be queued."""
+        """Queue a request; returns its inbox. Raises APIError when it can't be queued. ``whole``: the
+        answer is one JSON body (not streamed), bounded by its size rather than by a reader's pace."""
         channel = self._underlay
         if not self.ready or channel is None:
             raise APIError(503, "The gateway is not connected to the message broker; try again shortly.")
         routing_key = request_queue(model, priority, self.settings.express_priority)  # model checked by then
-        inbox = Inbox(request_id, model, max_buffered_bytes=self.settings.max_buffered_bytes)
+        inbox = Inbox(
+            request_id,
+            model,
+            max_buffered_bytes=self.settings.max_buffered_bytes,
+            max_answer_bytes=self.settings.max_answer_bytes if whole else None,
+        )
         self.pending[request_id] = inbox
         # aiormq's publish directly (aio-pika's Message and Exchange.publish cost more than the rest
         # of the publish); the channel has confirms and raises on returns, as aio-pika set it up.

@@ -118,8 +118,9 @@ class Relay:
             if give_up_at is not None and time.monotonic() >= give_up_at:
                 return 0, "", collected
 
-    async def body(self, frames: list[Frame]) -> bytes:
-        """The rest of a non-streamed answer."""
+    async def body(self, frames: list[Frame], status: int) -> tuple[int, bytes]:
+        """The rest of a non-streamed answer whose HEAD said ``status``, and the status it ended with:
+        HEAD's after END, the error's when the attempt ended with ERROR (nothing was sent yet)."""
         parts: list[bytes] = []
         while True:
             for frame in frames:
@@ -127,14 +128,16 @@ class Relay:
                     parts.clear()  # a new attempt (the last one gave the request back): start over
                 elif frame.kind is Kind.DATA:
                     parts.append(frame.data)
+                elif frame.kind is Kind.HEAD:
+                    status = frame.status  # of a new attempt
                 elif frame.kind is Kind.END:
                     self.inbox.commit(frame)
+                    self.outcome.status = status
                     self._finish(frame)
-                    return b"".join(parts)
+                    return status, b"".join(parts)
                 elif frame.kind is Kind.ERROR:
-                    self.outcome.status = frame.status
-                    self.outcome.completed = True
-                    return frame.data
+                    self._failed(frame)
+                    return frame.status, frame.data
             frames = await self.next_frames(self._wait_time())
 
     async def stream(self, send: Send, watch: ClientWatch, frames: list[Frame]) -> None:
@@ -155,21 +158,20 @@ class Relay:
                         self._finish(frame)
                     elif kind is Kind.ERROR:
                         out.append(b"data: " + frame.data + b"\n\n" + DONE)
-                        outcome.status = frame.status or 502  # an error, even after a 200 head
-                        outcome.completed = True
+                        self._failed(frame)
                     elif kind is Kind.HEAD:
                         outcome.status = frame.status
                 if out:
                     if outcome.first_byte_at is None:
                         outcome.first_byte_at = time.monotonic()
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                if outcome.completed or self._closed:  # closed: the client left during a send
+                if outcome.completed or outcome.status >= 400 or self._closed:  # closed: the client left
                     break
                 try:
                     frames = await self.next_frames(self._wait_time())
                 except APIError as exc:
+                    # Given up here (queue or idle timeout): not completed, so close() cancels the work.
                     outcome.status = exc.status
-                    outcome.completed = True
                     body = b"data: " + exc.body() + b"\n\n" + DONE
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     break
@@ -183,6 +185,12 @@ class Relay:
     def _client_gone(self) -> None:
         self.close()  # the worker stops; the stream loop wakes and ends
         self.inbox.interrupt()
+
+    def _failed(self, frame: Frame) -> None:
+        """The answer ended with an ERROR frame: the worker's own (it stopped) or one the gateway made
+        (attempt "": too large, too slow, lost; the worker may still run, so close() cancels it)."""
+        self.outcome.status = frame.status or 502  # an error, even after a 200 head
+        self.outcome.completed = bool(frame.attempt)
 
     def _finish(self, frame: Frame) -> None:
         self.outcome.completed = True

@@ -16,7 +16,11 @@ Test hooks:
 - an ``X-Request-Id`` header names the request in the log (and in the response ids, as vLLM does);
 - ``json_style="spaced"`` (``dispatcher simulate --json-style spaced``) writes JSON the way servers built on
   Python's ``json.dumps`` do (``"usage": {``) and with every object's keys in reverse order, so that the
-  worker's event parsing is tested against another dialect than vLLM's compact one.
+  worker's event parsing is tested against another dialect than vLLM's compact one;
+- ``line_ending="crlf"`` (``--line-ending crlf``) ends the SSE lines of streams with ``\r\n``, as some
+  servers do (the SSE spec allows CRLF, LF and CR);
+- embeddings take ``dimensions`` (1..``MAX_EMBEDDING_DIM``, default ``EMBEDDING_DIM``), as vLLM does for
+  Matryoshka models, so tests can ask for answers of realistic size (2,048 inputs x 1,024 dimensions).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from simulator.engine import ABORTED, FINISHED, Engine, Sequence
 
 VERSION = "0.10.1"  # the vLLM version whose wire format this mimics
 EMBEDDING_DIM = 16
+MAX_EMBEDDING_DIM = 4096
 
 _VOCAB = [
     " " + w
@@ -136,6 +141,7 @@ class Simulator:
         self.max_model_len = max_model_len
         self.created = int(time.time())
         self.spaced = False  # json_style="spaced" (see create_app)
+        self.crlf = False  # line_ending="crlf"
 
     # --- request parsing -------------------------------------------------------------------------
 
@@ -254,7 +260,11 @@ class Simulator:
             # Chunks are yielded pre-framed as bytes (sse-starlette sends bytes verbatim): the same wire
             # format as sep="\n" JSON strings, without its per-event regex split and StringIO.
             events = _stream(self.engine, seq, fmt)
-            return EventSourceResponse(_respaced(events) if self.spaced else events, sep="\n", ping=0)
+            if self.spaced:
+                events = _respaced(events)
+            if self.crlf:
+                events = _crlf(events)
+            return EventSourceResponse(events, sep="\n", ping=0)
         self.engine.add(seq)
         watcher = asyncio.create_task(_abort_on_disconnect(request.receive, self.engine, seq))
         try:
@@ -336,17 +346,19 @@ class Simulator:
             fmt = body.get("encoding_format") or "float"
             if fmt not in ("float", "base64"):
                 raise ApiError("encoding_format: Input should be 'float' or 'base64'", param="encoding_format")
+            dims = _int_field(body, "dimensions", EMBEDDING_DIM)
+            assert dims is not None
+            if not 1 <= dims <= MAX_EMBEDDING_DIM:
+                raise ApiError(f"dimensions must be between 1 and {MAX_EMBEDDING_DIM}.", param="dimensions")
         except ApiError as exc:
             return exc.response()
         data: list[dict[str, Any]] = []
         tokens = 0
         for i, item in enumerate(inputs):
             tokens += max(1, _count_words(item))
-            packed = _embedding(item)
+            packed = _embedding(item, dims)
             emb: Any = (
-                base64.b64encode(packed).decode()
-                if fmt == "base64"
-                else list(struct.unpack(f"<{EMBEDDING_DIM}f", packed))
+                base64.b64encode(packed).decode() if fmt == "base64" else list(struct.unpack(f"<{dims}f", packed))
             )
             data.append({"index": i, "object": "embedding", "embedding": emb})
         result = {
@@ -411,11 +423,11 @@ class Simulator:
         return JSONResponse({"ok": True})
 
 
-def _embedding(item: Any) -> bytes:
-    """16 little-endian float32 values in [-1, 1), deterministic from the input."""
-    digest = hashlib.blake2b(_encode(item), digest_size=4 * EMBEDDING_DIM).digest()
-    ints = struct.unpack(f"<{EMBEDDING_DIM}I", digest)
-    return struct.pack(f"<{EMBEDDING_DIM}f", *(v / 2147483648.0 - 1.0 for v in ints))
+def _embedding(item: Any, dims: int = EMBEDDING_DIM) -> bytes:
+    """``dims`` little-endian float32 values in [-1, 1), deterministic from the input."""
+    digest = hashlib.shake_256(_encode(item)).digest(4 * dims)
+    ints = struct.unpack(f"<{dims}I", digest)
+    return struct.pack(f"<{dims}f", *(v / 2147483648.0 - 1.0 for v in ints))
 
 
 class _StreamFormat:
@@ -559,6 +571,13 @@ async def _respaced(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield b"".join(out)
 
 
+async def _crlf(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream with CRLF line ends (JSON strings escape newlines: every LF here ends a line)."""
+    async with contextlib.aclosing(events):  # closing it runs _stream's finally (the abort)
+        async for block in events:
+            yield block.replace(b"\n", b"\r\n")
+
+
 async def _abort_on_disconnect(receive: Receive, engine: Engine, seq: Sequence) -> None:
     # The body is already read, so the next ASGI message is http.disconnect when the client leaves;
     # uvicorn does not cancel a non-streaming handler itself.
@@ -586,6 +605,7 @@ def create_app(
     max_model_len: int = 4096,
     scheduling_policy: str | None = None,
     kv_cache_tokens: int | None = None,
+    line_ending: str = "lf",
 ) -> Starlette:
     """Build the simulator app; each engine step lasts ``decode_ms + decode_ms_per_seq * running`` ms.
 
@@ -643,6 +663,9 @@ def create_app(
     if json_style not in ("compact", "spaced"):
         raise ValueError(f"json_style must be compact or spaced, not {json_style!r}")
     sim.spaced = json_style == "spaced"
+    if line_ending not in ("lf", "crlf"):
+        raise ValueError(f"line_ending must be lf or crlf, not {line_ending!r}")
+    sim.crlf = line_ending == "crlf"
     return app
 
 

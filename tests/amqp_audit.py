@@ -30,6 +30,7 @@ from tests.faults import Link, TcpProxy
 
 PROTOCOL_HEADER = b"AMQP"
 FRAME_METHOD = 1
+FRAME_HEADER = 2
 FRAME_END = 0xCE
 # (class id, method id) of the broker's closes: the only broker-to-client methods worth decoding here.
 _BROKER_CLOSES = {(10, 50), (20, 40)}
@@ -68,6 +69,7 @@ class FrameParser:
         self._buffer = bytearray()
         self._header_seen = not from_client  # only clients send the protocol header
         self.errors: list[str] = []
+        self.body_sizes: list[int] = []  # of every message the client published (content header frames)
 
     def feed(self, data: bytes) -> list[tuple[int, Any]]:
         """Returns (channel, pamqp frame) for every complete method frame worth decoding."""
@@ -90,6 +92,8 @@ class FrameParser:
             if raw[-1] != FRAME_END:
                 self.errors.append(f"bad frame end on channel {channel}")
                 continue
+            if kind == FRAME_HEADER and self.from_client:
+                self.body_sizes.append(struct.unpack_from(">Q", raw, 11)[0])  # after class id and weight
             if kind != FRAME_METHOD:
                 continue
             if not self.from_client and struct.unpack_from(">HH", raw, 7) not in _BROKER_CLOSES:
@@ -139,6 +143,11 @@ class AuditProxy(TcpProxy):
             with self._lock:
                 self.errors.extend(parser.errors)
             parser.errors.clear()
+
+    def body_sizes(self) -> list[int]:
+        """Body sizes of the messages clients published, in order per connection."""
+        return [size for (_, from_client), parser in list(self._parsers.items()) if from_client
+                for size in parser.body_sizes]  # fmt: skip
 
     def recorded(self) -> list[Method]:
         with self._lock:

@@ -39,6 +39,11 @@ DATABASES = {
 }
 
 
+# Seconds a started process may take to answer: a 2-core box shared by several suites (and builds)
+# has taken more than 20 s to import and connect a worker.
+START_TIMEOUT = 60.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -132,15 +137,15 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0) -> Process:
+    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0, *extra: str) -> Process:
         port = free_port()
         process = self.spawn(
             "simulator",
             "simulate", "--model", self.model, "--port", str(port),
-            "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
+            "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms), *extra,
         )  # fmt: skip
         self.simulator_url = f"http://127.0.0.1:{port}"
-        wait_http(self.simulator_url + "/health")
+        wait_http(self.simulator_url + "/health", START_TIMEOUT)
         return process
 
     def start_worker(self, max_concurrency: int = 16, *extra: str, env: dict[str, str] | None = None) -> Process:
@@ -152,14 +157,14 @@ class Stack:
             env=env,
         )  # fmt: skip
         process.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-        wait_http(process.url + "/ready")  # type: ignore[attr-defined]
+        wait_http(process.url + "/ready", START_TIMEOUT)  # type: ignore[attr-defined]
         return process
 
     def start_gateway(self, env: dict[str, str] | None = None, *, wait_model: bool = True) -> Process:
         port = free_port()
         process = self.spawn("gateway", "gateway", "--port", str(port), env=env)
         self.gateway_url = f"http://127.0.0.1:{port}"
-        wait_http(self.gateway_url + "/ready")
+        wait_http(self.gateway_url + "/ready", START_TIMEOUT)
         if wait_model:
             self.wait_model()
         return process

@@ -288,6 +288,12 @@ async def test_embeddings(sim: SimServer, http: httpx.AsyncClient) -> None:
     emb = await oai(sim).embeddings.create(model=MODEL, input=["a b", "c"])
     assert [d.embedding for d in emb.data] == vectors
 
+    # `dimensions`, as vLLM takes it for Matryoshka models: answers of realistic size.
+    emb = await oai(sim).embeddings.create(model=MODEL, input=["a b", "c"], dimensions=1024)
+    assert [len(d.embedding) for d in emb.data] == [1024, 1024]
+    r = await http.post("/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+
 
 async def test_models_health_version(sim: SimServer, http: httpx.AsyncClient) -> None:
     models = await oai(sim).models.list()

@@ -41,11 +41,16 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
     last_sent_at: float = field(default_factory=time.monotonic)
     last_upstream_at: float = field(default_factory=time.monotonic)  # last bytes from vLLM
+    # A whole (non-streamed) answer: vLLM is silent until it is done, so the watchdog bounds its
+    # total time from ``called_at`` instead of the gap between bytes.
+    whole: bool = False
+    called_at: float = 0.0  # monotonic; 0: vLLM not called yet
+    done_event: bytes = b""  # the server's `data: [DONE]` event, held until the usage record is durable
     output_started: bool = False  # a DATA frame was sent: the answer can no longer be restarted
     status: int = 0  # the status sent to the gateway (HEAD or ERROR frame)
     enqueued_at: float | None = None  # the publish time on this worker's wall clock
     deadline: float = 0.0  # this worker's wall clock; 0: none
-    stop_reason: str = ""  # why the task was cancelled from outside: "cancel", "gateway", "stall", "lost"
+    stop_reason: str = ""  # why cancelled from outside: "cancel", "gateway", "stall", "timeout", "lost"...
     settled: bool = False  # acked, nacked or handed back: the slot is free
     task: asyncio.Task[None] | None = None
     body: dict[str, Any] | None = None  # the request as sent to the server (its prompt is counted if cut short)

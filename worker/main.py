@@ -345,9 +345,14 @@ class Worker:
             log.debug("could not announce: %s", exc)
 
     async def _heartbeats(self) -> None:
-        """Heartbeat frames while vLLM is silent; abort requests vLLM stopped answering."""
+        """Heartbeat frames while vLLM is silent; abort requests vLLM stopped answering.
+
+        A stream is stalled when no byte came for ``VLLM_STALL_TIMEOUT``. A whole (non-streamed)
+        answer comes in one piece at its end, so silence proves nothing there: it is bounded by its
+        total time instead (``VLLM_REQUEST_TIMEOUT``), which is no sign of a failed server."""
         interval = self.settings.heartbeat_interval
         stall = self.settings.vllm_stall_timeout
+        total = self.settings.vllm_request_timeout
         tick = min(interval / 2, 1.0)
         while True:
             await asyncio.sleep(tick)
@@ -355,7 +360,13 @@ class Worker:
             for job in list(self.jobs.values()):
                 if job.task is None or job.task.done():
                     continue
-                if stall and now - job.last_upstream_at > stall:
+                if job.whole:
+                    if total and job.called_at and now - job.called_at > total:
+                        log.warning("no answer after %.0fs: aborting", total, extra={"request_id": job.request_id})
+                        self.runner.stop(job, "timeout")
+                    elif now - job.last_sent_at >= interval:
+                        self.runner.send(job, Kind.HEARTBEAT)
+                elif stall and now - job.last_upstream_at > stall:
                     log.warning("vLLM sent nothing for %.0fs: aborting", stall, extra={"request_id": job.request_id})
                     self.runner.stop(job, "stall")
                 elif now - job.last_sent_at >= interval:

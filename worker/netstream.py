@@ -23,6 +23,7 @@ Errors subclass the openai SDK's, so code written against the SDK keeps working:
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -288,6 +289,9 @@ class UpstreamResponse:
         data = connection.take()
         if self._partial:
             data = self._partial + data
+        if b"\r" in data:  # CRLF or CR line ends (the SSE spec allows all three): the general split
+            events, self._partial = _split_events(data)
+            return events
         end = data.find(b"\n\n")
         if end == len(data) - 2:  # the usual case: one whole event
             self._partial = b""
@@ -311,6 +315,24 @@ class UpstreamResponse:
             if limit is not None and size >= limit:
                 break
         return b"".join(parts)
+
+
+# An event ends with a blank line: a line end (CRLF, LF or CR) right after another one.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+
+
+def _split_events(data: bytes) -> tuple[list[bytes], bytes]:
+    """Whole SSE events in ``data``, each with its blank line, and the unfinished rest. A ``\r`` at the
+    very end may be the first half of a CRLF: the event waits for the next byte (or the body's end)."""
+    events: list[bytes] = []
+    start = 0
+    for match in _EVENT_END.finditer(data):
+        end = match.end()
+        if end == len(data) and data.endswith(b"\r"):
+            break
+        events.append(data[start:end])
+        start = end
+    return events, data[start:]
 
 
 class _Exchange(AbstractAsyncContextManager["UpstreamResponse"]):

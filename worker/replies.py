@@ -28,6 +28,9 @@ log = logging.getLogger("dispatcher.worker.replies")
 
 
 CONNECT_WAIT = 2.0  # s a batch waits for its gateway's new connection before it counts as lost
+# Frame bytes per AMQP message: a whole answer of many MB is carried by several messages, each well
+# under RabbitMQ 4.x's default max_message_size (16 MiB).
+MAX_BATCH_BYTES = 4 << 20
 
 
 class GatewayLink:
@@ -97,7 +100,8 @@ class GatewayLink:
             self._flushing = sent or asyncio.get_running_loop().create_future()
             try:
                 for reply_to, frames in buffers.items():
-                    await self._publish(reply_to, frames)
+                    for batch in _batches(frames):
+                        await self._publish(reply_to, batch)
             finally:
                 if not self._flushing.done():
                     self._flushing.set_result(None)
@@ -186,3 +190,16 @@ class ReplySender:
 
     async def flush_now(self) -> None:
         await asyncio.gather(*(link.flush_now() for link in list(self._links.values())))
+
+
+def _batches(frames: list[Frame]) -> list[list[Frame]]:
+    """``frames`` in order, cut into batches of at most ``MAX_BATCH_BYTES`` of data (or one frame)."""
+    batches: list[list[Frame]] = [[]]
+    size = 0
+    for frame in frames:
+        if size + len(frame.data) > MAX_BATCH_BYTES and batches[-1]:
+            batches.append([])
+            size = 0
+        batches[-1].append(frame)
+        size += len(frame.data)
+    return batches

@@ -37,6 +37,9 @@ log = logging.getLogger("dispatcher.worker")
 _json = msgspec.json.Decoder(dict[str, Any])
 # vLLM answers these while it starts or stops: the request did not run, another try may.
 RETRYABLE_STATUS = {502, 503}
+# A whole answer travels in DATA frames of at most this size: a 40 MB embeddings answer must not be
+# one AMQP message (RabbitMQ 4.x refuses messages above 16 MiB by default).
+WHOLE_CHUNK = 1 << 20
 
 
 class RequeueRequest(Exception):
@@ -110,7 +113,8 @@ class JobRunner:
             body, stream, wants_usage = self.request_body(job, job.message.body)
             job.body = body
             clock = self.accounting.clock(job.priority)
-            started_at = time.monotonic()
+            started_at = job.called_at = time.monotonic()
+            job.whole = not stream
             headers = {"X-Request-Id": job.request_id}
             if job.traceparent:
                 headers[H_TRACEPARENT] = job.traceparent
@@ -125,6 +129,9 @@ class JobRunner:
                             for event in batch:
                                 info = events.inspect(event)  # decide on parsed JSON; forward the bytes
                                 clock.event(info, now)
+                                if info.is_done:
+                                    job.done_event = event  # sent once the usage record is durable (settle)
+                                    continue
                                 if info.usage is not None:
                                     usage = info.usage
                                     if info.usage_only and not wants_usage:
@@ -135,7 +142,8 @@ class JobRunner:
                     else:
                         data = await upstream.read()
                         usage = events.body_usage(data)
-                        self.send(job, Kind.DATA, data)
+                        for start in range(0, len(data), WHOLE_CHUNK):  # a small body: itself, no copy
+                            self.send(job, Kind.DATA, data[start : start + WHOLE_CHUNK])
             except openai.APIStatusError as exc:
                 if exc.status_code in RETRYABLE_STATUS and not job.output_started:
                     raise RequeueRequest(f"vLLM answered {exc.status_code}") from exc
@@ -187,6 +195,11 @@ class JobRunner:
     async def _stopped(self, job: Job) -> str:
         """The job's task was cancelled from outside; ``job.stop_reason`` says why."""
         reason = job.stop_reason
+        if reason == "timeout":  # a whole answer past VLLM_REQUEST_TIMEOUT: this request's fault, not vLLM's
+            limit = self.settings.vllm_request_timeout
+            message = f"The inference server did not finish the answer within {limit:g} s."
+            self.send(job, Kind.ERROR, error_body(504, message, code="inference_timeout"), 504)
+            return "error"
         if reason == "stall":
             self.vllm_failed("no bytes from vLLM for too long")
             self.send(job, Kind.ERROR, error_body(504, "The inference server stalled."), 504)
@@ -249,6 +262,8 @@ class JobRunner:
                     estimated=estimated,
                 )
             if answered:
+                if job.done_event:  # the client's [DONE] says the record is durable: only now
+                    self.send(job, Kind.DATA, job.done_event)
                 self.send(job, Kind.END, usage=usage)
             elif usage is not None and outcome != "requeued":
                 self.send(job, Kind.BILLED, usage=usage)  # what the record bills: the gateway's TPM charges it
