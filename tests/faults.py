@@ -1,11 +1,14 @@
-"""Helpers for the reliability tests: raw SSE clients, the simulator's event log, a cuttable TCP proxy."""
+"""Helpers for the reliability tests: raw SSE clients, the simulator's event log, a cuttable TCP proxy,
+broker-side connection cuts, a Redis of the test's own to stall, the usage ledger followed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -14,12 +17,15 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import psutil
+from rstream import Consumer, ConsumerOffsetSpecification, MessageContext, OffsetType
 
-from tests.stack import Stack
+from dispatcher.usage import StreamAddress, UsageRecord, decode_record
+from tests.stack import Stack, free_port
 
 T = TypeVar("T")
 
@@ -458,3 +464,115 @@ def close_broker_connections(
     with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
         list(pool.map(lambda connection: ctl("close_connection", connection.pid, reason, table=False), chosen))
     return [connection.name for connection in chosen]
+
+
+# -- a Redis of the test's own, to stall --------------------------------------------------------------
+
+
+class RedisServer:
+    """A ``redis-server`` on a free port, started by the test, so that it can be stopped (``SIGSTOP``:
+    a hung node that keeps its connections open) without touching the machine's Redis."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = 0
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.port = free_port()
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)],
+            stdout=(self.tmp / f"redis-{self.port}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return self
+            if time.monotonic() > deadline or self.popen.poll() is not None:
+                raise TimeoutError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def stall(self) -> None:
+        assert self.popen is not None
+        os.kill(self.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.popen is not None
+        os.kill(self.popen.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.resume()
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+# -- the usage ledger, followed -----------------------------------------------------------------------
+
+
+class LedgerFollower:
+    """Every record of a usage stream from its first, collected as it is written by one consumer in a
+    thread of its own (so that a test can look a request up at once, with no reader start-up per look)."""
+
+    def __init__(self, url: str, stream: str) -> None:
+        self.url = url
+        self.stream = stream
+        self.records: list[UsageRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+
+    def start(self) -> LedgerFollower:
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="ledger-follower", daemon=True)
+        self._thread.start()
+        self._loop = loop
+        asyncio.run_coroutine_threadsafe(self._subscribe(), loop).result(20)
+        return self
+
+    async def _subscribe(self) -> None:
+        address = StreamAddress.parse(self.url)
+        self._consumer = Consumer(address.host, connection_name="test-ledger-follower", **address.connect_kwargs())  # type: ignore[arg-type]
+
+        def on_message(data: bytes, _: MessageContext) -> None:
+            record = decode_record(data)
+            if record is not None:
+                self.records.append(record)  # list.append: safe to read from the test's thread
+
+        await self._consumer.subscribe(
+            self.stream, on_message, offset_specification=ConsumerOffsetSpecification(OffsetType.FIRST, None)
+        )
+
+    def of(self, request_id: str) -> list[UsageRecord]:
+        return [record for record in self.records if record.request_id == request_id]
+
+    async def wait(self, request_id: str, timeout: float = 10.0) -> list[UsageRecord]:
+        """``request_id``'s records once there is one (or none after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.of(request_id)) and time.monotonic() < deadline:  # noqa: ASYNC110 - another thread fills it
+            await asyncio.sleep(0.05)
+        return found
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._consumer.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._loop.close()
+        self._loop = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -88,6 +89,15 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+def free_slots(worker: Process) -> int:
+    """The worker's free slots, from its ``/ready`` (which answers 503 with them while not ready)."""
+    try:
+        with urllib.request.urlopen(worker.url + "/ready", timeout=2) as response:  # type: ignore[attr-defined]
+            return int(json.loads(response.read())["free_slots"])
+    except urllib.error.HTTPError as exc:
+        return int(json.loads(exc.read())["free_slots"])
+
+
 @dataclass
 class Stack:
     tmp: Path
@@ -132,16 +142,25 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0) -> Process:
-        port = free_port()
+    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0, port: int = 0) -> Process:
+        port = port or free_port()
         process = self.spawn(
             "simulator",
             "simulate", "--model", self.model, "--port", str(port),
             "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
         )  # fmt: skip
+        process.options = (max_num_seqs, decode_ms)  # type: ignore[attr-defined]
         self.simulator_url = f"http://127.0.0.1:{port}"
         wait_http(self.simulator_url + "/health")
         return process
+
+    def restart_simulator(self) -> Process:
+        """Kill the simulator (SIGKILL, as an inference server crashes; stopped or not) and start it
+        again on its port with its options, as a restarted server comes back at its address."""
+        old = next(p for p in reversed(self.processes) if p.name == "simulator")
+        old.kill()
+        port = int(self.simulator_url.rsplit(":", 1)[1])
+        return self.start_simulator(*old.options, port=port)  # type: ignore[attr-defined]
 
     def start_worker(self, max_concurrency: int = 16, *extra: str, env: dict[str, str] | None = None) -> Process:
         port = free_port()
