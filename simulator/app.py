@@ -47,8 +47,7 @@ from simulator import metrics
 from simulator.engine import ABORTED, FINISHED, Engine, Sequence
 
 VERSION = "0.10.1"  # the vLLM version whose wire format this mimics
-EMBEDDING_DIM = 16  # without a request's ``dimensions``
-MAX_EMBEDDING_DIM = 8192
+EMBEDDING_DIM = 16
 
 _VOCAB = [
     " " + w
@@ -337,18 +336,18 @@ class Simulator:
             fmt = body.get("encoding_format") or "float"
             if fmt not in ("float", "base64"):
                 raise ApiError("encoding_format: Input should be 'float' or 'base64'", param="encoding_format")
-            dims = _int_field(body, "dimensions", EMBEDDING_DIM)
-            assert dims is not None
-            if not 1 <= dims <= MAX_EMBEDDING_DIM:
-                raise ApiError(f"dimensions must be between 1 and {MAX_EMBEDDING_DIM}.", param="dimensions")
         except ApiError as exc:
             return exc.response()
         data: list[dict[str, Any]] = []
         tokens = 0
         for i, item in enumerate(inputs):
             tokens += max(1, _count_words(item))
-            packed = _embedding(item, dims)
-            emb: Any = base64.b64encode(packed).decode() if fmt == "base64" else list(struct.unpack(f"<{dims}f", packed))
+            packed = _embedding(item)
+            emb: Any = (
+                base64.b64encode(packed).decode()
+                if fmt == "base64"
+                else list(struct.unpack(f"<{EMBEDDING_DIM}f", packed))
+            )
             data.append({"index": i, "object": "embedding", "embedding": emb})
         result = {
             "id": "embd-" + (request.headers.get("x-request-id") or os.urandom(16).hex()),
@@ -395,16 +394,11 @@ class Simulator:
         return JSONResponse({"ok": True})
 
 
-def _embedding(item: Any, dims: int = EMBEDDING_DIM) -> bytes:
-    """``dims`` little-endian float32 values in [-1, 1), deterministic from the input (the first 16
-    are the same whatever ``dims``: one blake2b digest per 16 values, the later ones personalized)."""
-    data = _encode(item)
-    digest = b"".join(
-        hashlib.blake2b(data, digest_size=64, person=block.to_bytes(8, "little") if block else b"").digest()
-        for block in range(-(-dims // EMBEDDING_DIM))
-    )
-    ints = struct.unpack(f"<{dims}I", digest[: 4 * dims])
-    return struct.pack(f"<{dims}f", *(v / 2147483648.0 - 1.0 for v in ints))
+def _embedding(item: Any) -> bytes:
+    """16 little-endian float32 values in [-1, 1), deterministic from the input."""
+    digest = hashlib.blake2b(_encode(item), digest_size=4 * EMBEDDING_DIM).digest()
+    ints = struct.unpack(f"<{EMBEDDING_DIM}I", digest)
+    return struct.pack(f"<{EMBEDDING_DIM}f", *(v / 2147483648.0 - 1.0 for v in ints))
 
 
 class _StreamFormat:
