@@ -130,6 +130,7 @@ def test_schemathesis_finds_no_server_error(stack: Stack, tmp_path: Path) -> Non
         os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run",
         stack.gateway_url + "/schema/openapi.json",
         "--checks", "not_a_server_error",
+        "--continue-on-failure",  # every case runs: the count of server errors is the whole one
         "--mode", "all",  # valid and invalid bodies (wrong types, missing fields)
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", "50",
@@ -154,7 +155,10 @@ def test_schemathesis_finds_no_server_error(stack: Stack, tmp_path: Path) -> Non
     cases = json.loads(report.read_text())["test_cases"]["generated"] if report.exists() else 0
     print(f"\nschemathesis: {cases} cases, {len(responses)} requests, statuses {dict(sorted(statuses.items()))}")
     server_errors = [r for r in responses if r["status"] >= 500]
-    assert not server_errors, json.dumps(server_errors[:5], indent=1)[:4000]
+    assert not server_errors, (
+        f"{len(server_errors)} of {len(responses)} requests answered 5xx, e.g.:\n"
+        + json.dumps(server_errors[:3], indent=1, ensure_ascii=False)[:3000]
+    )
     assert result.returncode == 0, output
     # The run reached every part: the gateway's refusals and the worker's answers (200 from the simulator).
     assert cases >= 100 and statuses.get(200, 0) >= 20 and statuses.get(404, 0) >= 1, (statuses, output)
