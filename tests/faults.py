@@ -1,12 +1,10 @@
-"""Helpers for the reliability tests: raw SSE clients, the simulator's event log, a cuttable TCP proxy,
-broker-side connection cuts, a Redis of the test's own to stall, the usage ledger followed."""
+"""Helpers for the reliability tests: raw SSE clients, the simulator's event log, a cuttable TCP proxy."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -22,9 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 import psutil
-from rstream import Consumer, ConsumerOffsetSpecification, MessageContext, OffsetType
 
-from dispatcher.usage import StreamAddress, UsageRecord, decode_record
 from tests.stack import Stack, free_port
 
 T = TypeVar("T")
@@ -466,113 +462,52 @@ def close_broker_connections(
     return [connection.name for connection in chosen]
 
 
-# -- a Redis of the test's own, to stall --------------------------------------------------------------
+# -- a Redis of the test's own ----------------------------------------------------------------------
 
 
 class RedisServer:
-    """A ``redis-server`` on a free port, started by the test, so that it can be stopped (``SIGSTOP``:
-    a hung node that keeps its connections open) without touching the machine's Redis."""
+    """A redis-server of the test's own on a free port, to stop (SIGSTOP: a hung node), kill and restart.
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.port = 0
-        self.popen: subprocess.Popen[bytes] | None = None
+    Never the machine's Redis: other tests and engineers use that one.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.port = free_port()
-        self.popen = subprocess.Popen(
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp)],
-            stdout=(self.tmp / f"redis-{self.port}.log").open("wb"),
-            stderr=subprocess.STDOUT,
+             "--dir", str(self.workdir)],
+            stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while True:
+        while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                if sock.recv(64).startswith(b"+PONG"):
                     return self
-            if time.monotonic() > deadline or self.popen.poll() is not None:
-                raise TimeoutError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} did not start")
 
-    def stall(self) -> None:
-        assert self.popen is not None
-        os.kill(self.popen.pid, signal.SIGSTOP)
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.popen is not None
-        os.kill(self.popen.pid, signal.SIGCONT)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
-    def close(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.resume()
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped process dies only once it runs
+            self.process.kill()
+            self.process.wait(10)
 
-
-# -- the usage ledger, followed -----------------------------------------------------------------------
-
-
-class LedgerFollower:
-    """Every record of a usage stream from its first, collected as it is written by one consumer in a
-    thread of its own (so that a test can look a request up at once, with no reader start-up per look)."""
-
-    def __init__(self, url: str, stream: str) -> None:
-        self.url = url
-        self.stream = stream
-        self.records: list[UsageRecord] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._consumer: Consumer | None = None
-
-    def start(self) -> LedgerFollower:
-        loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="ledger-follower", daemon=True)
-        self._thread.start()
-        self._loop = loop
-        asyncio.run_coroutine_threadsafe(self._subscribe(), loop).result(20)
-        return self
-
-    async def _subscribe(self) -> None:
-        address = StreamAddress.parse(self.url)
-        self._consumer = Consumer(address.host, connection_name="test-ledger-follower", **address.connect_kwargs())  # type: ignore[arg-type]
-
-        def on_message(data: bytes, _: MessageContext) -> None:
-            record = decode_record(data)
-            if record is not None:
-                self.records.append(record)  # list.append: safe to read from the test's thread
-
-        await self._consumer.subscribe(
-            self.stream, on_message, offset_specification=ConsumerOffsetSpecification(OffsetType.FIRST, None)
-        )
-
-    def of(self, request_id: str) -> list[UsageRecord]:
-        return [record for record in self.records if record.request_id == request_id]
-
-    async def wait(self, request_id: str, timeout: float = 10.0) -> list[UsageRecord]:
-        """``request_id``'s records once there is one (or none after ``timeout`` seconds)."""
-        deadline = time.monotonic() + timeout
-        while not (found := self.of(request_id)) and time.monotonic() < deadline:  # noqa: ASYNC110 - another thread fills it
-            await asyncio.sleep(0.05)
-        return found
-
-    def close(self) -> None:
-        if self._loop is None:
-            return
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._consumer.close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-        self._loop.close()
-        self._loop = None
+    close = kill

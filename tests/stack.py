@@ -142,25 +142,16 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0, port: int = 0) -> Process:
-        port = port or free_port()
+    def start_simulator(self, max_num_seqs: int = 16, decode_ms: float = 10.0) -> Process:
+        port = free_port()
         process = self.spawn(
             "simulator",
             "simulate", "--model", self.model, "--port", str(port),
             "--max-num-seqs", str(max_num_seqs), "--decode-ms", str(decode_ms),
         )  # fmt: skip
-        process.options = (max_num_seqs, decode_ms)  # type: ignore[attr-defined]
         self.simulator_url = f"http://127.0.0.1:{port}"
         wait_http(self.simulator_url + "/health")
         return process
-
-    def restart_simulator(self) -> Process:
-        """Kill the simulator (SIGKILL, as an inference server crashes; stopped or not) and start it
-        again on its port with its options, as a restarted server comes back at its address."""
-        old = next(p for p in reversed(self.processes) if p.name == "simulator")
-        old.kill()
-        port = int(self.simulator_url.rsplit(":", 1)[1])
-        return self.start_simulator(*old.options, port=port)  # type: ignore[attr-defined]
 
     def start_worker(self, max_concurrency: int = 16, *extra: str, env: dict[str, str] | None = None) -> Process:
         port = free_port()
@@ -181,6 +172,15 @@ class Stack:
         wait_http(self.gateway_url + "/ready")
         if wait_model:
             self.wait_model()
+        return process
+
+    def restart_simulator(self) -> Process:
+        """Kill the simulator (SIGKILL, as an inference server crashes; stopped or not) and start it
+        again with the same arguments, on the same port, as a restarted server comes back."""
+        old = next(p for p in reversed(self.processes) if p.name == "simulator")
+        old.kill()
+        process = self.spawn("simulator", *old.popen.args[3:])  # type: ignore[index,misc]
+        wait_http(self.simulator_url + "/health")
         return process
 
     def serve(self, *, max_num_seqs: int, max_concurrency: int, token: str, decode_ms: float = 10.0) -> Stack:

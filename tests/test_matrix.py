@@ -56,7 +56,6 @@ import pytest
 from dispatcher.tokens import TokenStore
 from tests.faults import (
     BrokerConnection,
-    LedgerFollower,
     RedisServer,
     broker_connections,
     close_broker_connections,
@@ -64,6 +63,7 @@ from tests.faults import (
     until,
     until_event,
 )
+from tests.ledger import LedgerFollower
 from tests.stack import AMQP_URL, STREAM_URL, Process, Stack, delete_stream, free_slots, run_sync
 
 ENDPOINTS = ("chat", "completions", "embeddings")
@@ -150,7 +150,7 @@ class Rig:
 def rig(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("matrix")
     stream = "test-matrix-" + uuid.uuid4().hex[:10]
-    redis = RedisServer(tmp).start()
+    redis = RedisServer(tmp / "redis").start()
     stack = Stack(
         tmp,
         redis_url=redis.url,
@@ -545,7 +545,7 @@ async def run_cell(rig: Rig, cell: Cell, figure: Figure) -> list[str]:
     landed = 0.0
     with Freeze(rig) as freeze:
         if cell.fault == "redis-stalled":
-            rig.redis.stall()
+            rig.redis.pause()
         if cell.moment == "before output":
             freeze.freeze()
         request = asyncio.create_task(call(client, cell, arguments(rig, cell, user), output))
