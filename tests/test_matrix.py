@@ -515,15 +515,18 @@ async def probe(client: openai.AsyncOpenAI, model: str) -> Probe:
     return Probe(TPM - int(remaining), usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
 
 
-async def charged_since(client: openai.AsyncOpenAI, model: str, first: Probe, expected: int) -> int:
-    """What the TPM counter gained since ``first`` beside the probes (waiting up to 5 s for ``expected``)."""
+async def charged_since(client: openai.AsyncOpenAI, model: str, first: Probe, expected: int) -> tuple[int, list[int]]:
+    """What the TPM counter gained since ``first`` beside the probes (waiting up to 5 s for ``expected``),
+    and the counter as each probe read it (``first`` included)."""
     spent = first.cost
+    readings = [first.used]
     deadline = time.monotonic() + 5
     while True:
         now = await probe(client, model)
+        readings.append(now.used)
         charged = now.used - first.used - spent
         if charged == expected or time.monotonic() > deadline:
-            return charged
+            return charged, readings
         spent += now.cost
         await asyncio.sleep(0.1)
 
@@ -601,9 +604,11 @@ async def run_cell(rig: Rig, cell: Cell, figure: Figure) -> list[str]:
                 # Ended early after output: its prompt was prefilled and its chunks generated.
                 problems.append(f"ledger: {record.outcome} {record.prompt_tokens}+{record.completion_tokens}"
                                 f" tokens for a stream that got {answer.chunks} chunks")  # fmt: skip
-            charged = await charged_since(client, stack.model, before, billed)
+            charged, readings = await charged_since(client, stack.model, before, billed)
             if charged != billed:
-                problems.append(f"TPM counter charged {charged} tokens, the ledger billed {billed}")
+                # Each probe costs its own tokens (1): a counter that stays put reads as a negative charge.
+                problems.append(f"TPM counter charged {charged} tokens, the ledger billed {billed} (the counter "
+                                f"read {readings[0]} before, then {readings[1:6]} by probes of 1 token)")  # fmt: skip
     elif not problems:
         problems.append("no x-request-id")
     figure.mark("billing")
