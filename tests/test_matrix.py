@@ -51,7 +51,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types import Completion, CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
 
 from dispatcher.tokens import TokenStore
 from tests.faults import (
@@ -71,6 +74,7 @@ SIZES = ("tiny", "large")
 FAULTS = ("none", "worker-cut", "vllm-restart", "redis-stalled")
 TOKENS = {"tiny": 5, "large": 2000}  # max_tokens: the simulator always generates all of them
 EMBEDDINGS = {"tiny": (1, None), "large": (300, 1024)}  # inputs, dimensions (None: the server's 16)
+TYPES = {"chat": ChatCompletion, "completions": Completion, "embeddings": CreateEmbeddingResponse}
 SLOTS = 4
 TPM = 10**9  # a limit never reached: the counter is what is looked at
 CELL_TIMEOUT = 30.0  # a cell that is not answered by then hangs
@@ -215,7 +219,8 @@ class Answer:
     usage: dict[str, int] | None = None  # the usage the client was told
     error: dict[str, Any] | None = None  # the error object of an error status or an error event
     chunks: int = 0  # content chunks of a stream
-    seconds: float = 0.0
+    started: float = 0.0
+    seconds: float = 0.0  # until the answer was in (checks aside)
     error_at: float = 0.0  # monotonic time of a stream's error event
     problems: list[str] = field(default_factory=list)
 
@@ -272,7 +277,7 @@ async def call(client: openai.AsyncOpenAI, cell: Cell, args: dict[str, Any], out
     """Send the cell's request and judge what came back as a client would see it (``output`` is set
     at the first content chunk of a stream)."""
     answer = Answer()
-    started = time.monotonic()
+    answer.started = time.monotonic()
     try:
         if cell.stream:
             await _streamed(client, cell, args, output, answer)
@@ -293,7 +298,7 @@ async def call(client: openai.AsyncOpenAI, cell: Cell, args: dict[str, Any], out
         answer.problems.append(f"hung: nothing for {CELL_TIMEOUT} s")
     except (openai.APIConnectionError, httpx.HTTPError) as exc:
         answer.problems.append(f"the connection broke without an error event or status: {exc!r}")
-    answer.seconds = time.monotonic() - started
+    answer.seconds = answer.seconds or time.monotonic() - answer.started
     return answer
 
 
@@ -320,6 +325,7 @@ async def _streamed(
                 answer.error_at = time.monotonic()
             if isinstance(event, dict) and _content(event, chat):
                 output.set()
+    answer.seconds = time.monotonic() - answer.started
     chunks = [e for e in events if isinstance(e, dict) and "error" not in e]
     answer.chunks = sum(1 for c in chunks if _content(c, chat))
     if len({c.get("id") for c in chunks}) > 1:
@@ -352,6 +358,7 @@ async def _streamed(
 async def _whole(client: openai.AsyncOpenAI, cell: Cell, args: dict[str, Any], answer: Answer) -> None:
     api = {"chat": client.chat.completions, "completions": client.completions, "embeddings": client.embeddings}
     raw = await api[cell.endpoint].with_raw_response.create(**args)  # type: ignore[attr-defined]
+    answer.seconds = time.monotonic() - answer.started
     answer.status = raw.http_response.status_code
     answer.request_id = raw.headers.get("x-request-id", "")
     try:
@@ -362,7 +369,12 @@ async def _whole(client: openai.AsyncOpenAI, cell: Cell, args: dict[str, Any], a
     if "error" in body:  # a 200 that is an error: the status lies
         answer.problems.append(f"HTTP {answer.status} whose body is an error: {str(body['error'])[:160]}")
         return
-    parsed = raw.parse()  # the openai client can read it as its type
+    # The openai client's type, validated (its own parse() only constructs, taking seconds for 6 MB).
+    try:
+        parsed = TYPES[cell.endpoint].model_validate(body)
+    except pydantic.ValidationError as exc:
+        answer.problems.append(f"HTTP {answer.status} whose body is no {TYPES[cell.endpoint].__name__}: {exc}"[:300])
+        return
     answer.usage = body.get("usage")
     if cell.endpoint == "embeddings":
         inputs, dimensions = EMBEDDINGS[cell.size]
