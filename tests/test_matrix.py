@@ -655,6 +655,8 @@ async def test_cell(rig: Rig, cell: Cell) -> None:
 
 async def test_no_request_billed_twice(rig: Rig) -> None:
     """After every cell (late records of redelivered or cancelled attempts included): one record per request."""
+    if not FIGURES:
+        pytest.skip("no cell ran")
     if rig.listing is not None:
         await rig.listing
     await asyncio.sleep(1.0)
