@@ -140,8 +140,8 @@ def test_schemathesis_finds_no_server_error(stack: Stack, tmp_path: Path) -> Non
         "--report", "json", "--report-json-path", str(report),
         "--no-color",
     ]  # fmt: skip
-    # The hooks send half of the bodies to the served model (through the worker to the simulator)
-    # and log every response (tests/schemathesis_hooks.py).
+    # The hooks send half of the bodies to the served model (through the worker to the simulator), a
+    # quarter with a model name past 255 bytes, and log every response (tests/schemathesis_hooks.py).
     hooks = Path(__file__).with_name("schemathesis_hooks.py")
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(hooks), "DISPATCHER_TEST_FUZZ_MODEL": stack.model,
            "DISPATCHER_TEST_FUZZ_LOG": str(log)}  # fmt: skip
