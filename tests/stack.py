@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -93,6 +94,15 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+def free_slots(worker: Process) -> int:
+    """The worker's free slots, from its ``/ready`` (which answers 503 with them while not ready)."""
+    try:
+        with urllib.request.urlopen(worker.url + "/ready", timeout=2) as response:  # type: ignore[attr-defined]
+            return int(json.loads(response.read())["free_slots"])
+    except urllib.error.HTTPError as exc:
+        return int(json.loads(exc.read())["free_slots"])
+
+
 @dataclass
 class Stack:
     tmp: Path
@@ -167,6 +177,15 @@ class Stack:
         wait_http(self.gateway_url + "/ready", START_TIMEOUT)
         if wait_model:
             self.wait_model()
+        return process
+
+    def restart_simulator(self) -> Process:
+        """Kill the simulator (SIGKILL, as an inference server crashes; stopped or not) and start it
+        again with the same arguments, on the same port, as a restarted server comes back."""
+        old = next(p for p in reversed(self.processes) if p.name == "simulator")
+        old.kill()
+        process = self.spawn("simulator", *old.popen.args[3:])  # type: ignore[index,misc]
+        wait_http(self.simulator_url + "/health")
         return process
 
     def serve(self, *, max_num_seqs: int, max_concurrency: int, token: str, decode_ms: float = 10.0) -> Stack:
