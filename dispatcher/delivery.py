@@ -18,6 +18,11 @@ is ``Inbox``, a small state machine per request:
 
 Frames of an attempt that is not the current one are never relayed; ``feed`` returns the attempts
 to cancel so that no GPU works for an answer nobody will read.
+
+A redelivered attempt asks before it calls the server (ACCEPTED carrying ``ASK_PROCEED``): the
+gateway answers ``Proceed`` when that ACCEPTED made it the current attempt with nothing sent to the
+client (``wants``), else the ``Cancel`` that ``feed`` asked for. So an attempt that arrives after
+the answer started never generates a token.
 """
 
 from __future__ import annotations
@@ -189,6 +194,11 @@ class Inbox:
         if self.state is not State.ENDED:
             self._end(status, message, reason)
         return attempt
+
+    def wants(self, attempt: str) -> bool:
+        """Whether ``attempt`` may serve the request: it is the current one and nothing of the answer
+        reached the client yet (the go-ahead to a redelivered attempt)."""
+        return self.state is State.RUNNING and attempt == self.attempt
 
     @property
     def ended(self) -> bool:

@@ -124,6 +124,12 @@ def vllm_priority(priority: int) -> int:
     return MAX_PRIORITY - clamp_priority(priority)
 
 
+# ACCEPTED's data when the attempt is a redelivery: it waits for the gateway's ``Proceed`` (or
+# ``Cancel``) before calling the server, so that no GPU works for an answer already cut short.
+# Older gateways ignore ACCEPTED's data.
+ASK_PROCEED = b"proceed?"
+
+
 class Kind(enum.IntEnum):
     ACCEPTED = 0  # a worker took the request off the queue: the first frame of a delivery attempt
     HEAD = 1  # vLLM answered: status code (and content type in data)
@@ -160,6 +166,14 @@ class Cancel(ControlMessage, tag="cancel"):
     attempt: str = ""  # only this delivery attempt should stop ("" = whoever has the request)
 
 
+class Proceed(ControlMessage, tag="proceed"):
+    """The gateway's go-ahead to a redelivered attempt that asked for it (ACCEPTED with ``ASK_PROCEED``):
+    nothing of the answer reached the client yet, so this attempt may serve it."""
+
+    request_id: str
+    attempt: str
+
+
 class Announce(ControlMessage, tag="announce"):
     """A worker saying it is alive, which model it serves and whether it takes requests."""
 
@@ -189,4 +203,4 @@ class Discover(ControlMessage, tag="discover"):
 frames_encoder = msgspec.msgpack.Encoder()
 frames_decoder = msgspec.msgpack.Decoder(list[Frame])
 control_encoder = msgspec.json.Encoder()
-control_decoder = msgspec.json.Decoder(Cancel | Announce | Discover | GatewayAlive | GatewayGone)
+control_decoder = msgspec.json.Decoder(Cancel | Proceed | Announce | Discover | GatewayAlive | GatewayGone)

@@ -5,7 +5,8 @@ Two connections:
   happen before the first publish, on the same channel) and publishes requests with publisher
   confirms, so that a full queue is a clean 429 and not a hang. Its reply consumer is no-ack, so a
   broker memory alarm (which blocks publishers) does not stop replies;
-- the *control* connection: worker announcements in, cancellations and heartbeats out.
+- the *control* connection: worker announcements in, cancellations, go-aheads (``Proceed``) and
+  heartbeats out.
 
 Each reply connection is an *incarnation* of this gateway: replies addressed to an earlier one are
 lost. Requests carry the incarnation; heartbeats (``GatewayAlive``) tell workers it still listens,
@@ -35,6 +36,7 @@ from dispatcher.delivery import Inbox
 from dispatcher.errors import APIError
 from dispatcher.settings import GatewaySettings
 from dispatcher.wire import (
+    ASK_PROCEED,
     CONTROL_EXCHANGE,
     H_GATEWAY,
     REPLY_TO,
@@ -45,6 +47,7 @@ from dispatcher.wire import (
     GatewayAlive,
     GatewayGone,
     Kind,
+    Proceed,
     check_model_name,
     control_decoder,
     control_encoder,
@@ -273,7 +276,7 @@ class GatewayBroker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _publish_control(self, control: Cancel | GatewayAlive | GatewayGone) -> None:
+    async def _publish_control(self, control: Cancel | Proceed | GatewayAlive | GatewayGone) -> None:
         exchange = self._control
         if exchange is None:
             return
@@ -306,6 +309,9 @@ class GatewayBroker:
                 continue
             for attempt in inbox.feed(frame):
                 self.send_cancel(frame.request_id, attempt)
+            if kind is Kind.ACCEPTED and frame.data == ASK_PROCEED and inbox.wants(frame.attempt):
+                # A redelivered attempt waits for this before calling the server (else feed cancelled it).
+                self._spawn(self._publish_control(Proceed(frame.request_id, frame.attempt)))
 
     def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:

@@ -54,6 +54,9 @@ class Job:
     settled: bool = False  # acked, nacked or handed back: the slot is free
     task: asyncio.Task[None] | None = None
     body: dict[str, Any] | None = None  # the request as sent to the server (its prompt is counted if cut short)
+    # The broker delivered it before (to us or another worker): its gateway must say Proceed first.
+    redelivered: bool = False
+    go_ahead: asyncio.Future[None] | None = None  # set while waiting for that Proceed
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage, worker_id: str) -> Job:
@@ -71,6 +74,7 @@ class Job:
             timeout_ms=_int(headers.get(H_TIMEOUT)),
             traceparent=str(traceparent) if traceparent else None,
             attempt=Attempt(f"{worker_id}.{next(_attempts)}"),
+            redelivered=bool(message.redelivered),
         )
 
     def place_in_time(self, gateway_offset: float) -> None:

@@ -34,6 +34,7 @@ from dispatcher.wire import (
     GatewayAlive,
     GatewayGone,
     Kind,
+    Proceed,
     check_model_name,
     control_decoder,
     control_encoder,
@@ -272,6 +273,11 @@ class Worker:
             self.gateways.alive(control)
         elif isinstance(control, Cancel):
             self._cancel(control)
+        elif isinstance(control, Proceed):
+            job = self.jobs.get(control.request_id)
+            if job is not None and job.attempt.id == control.attempt and job.go_ahead is not None:
+                if not job.go_ahead.done():
+                    job.go_ahead.set_result(None)
         elif isinstance(control, GatewayGone):
             self.gateways.gone(control.gateway)
         elif isinstance(control, Discover):
@@ -366,7 +372,7 @@ class Worker:
                         self.runner.stop(job, "timeout")
                     elif now - job.last_sent_at >= interval:
                         self.runner.send(job, Kind.HEARTBEAT)
-                elif stall and now - job.last_upstream_at > stall:
+                elif stall and job.called_at and now - job.last_upstream_at > stall:  # not before the call
                     log.warning("vLLM sent nothing for %.0fs: aborting", stall, extra={"request_id": job.request_id})
                     self.runner.stop(job, "stall")
                 elif now - job.last_sent_at >= interval:

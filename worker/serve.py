@@ -5,7 +5,10 @@ How a job ends decides what happens to its message:
 - vLLM refused, reset or died before any output: handed back to the queue (REQUEUED frame, nack),
   and the worker pauses consuming at once rather than at the next health poll;
 - its consuming connection was lost: the broker already requeued it;
-- output had started: it can't be restarted, so the client gets an error event.
+- output had started: it can't be restarted, so the client gets an error event;
+- a redelivered message waits for its gateway's go-ahead (``Proceed``) before vLLM is called: refused
+  (``Cancel``: an earlier attempt's output reached the client, or the request ended), it is acked
+  and recorded nowhere ("declined": the attempt did no work, the earlier one has the record).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import openai
 
 from dispatcher.errors import error_body
 from dispatcher.settings import WorkerSettings
-from dispatcher.wire import H_TRACEPARENT, Kind
+from dispatcher.wire import ASK_PROCEED, H_TRACEPARENT, Kind
 from worker import events
 from worker.accounting import TokenClock, WorkerAccounting
 from worker.backends import Backend
@@ -44,6 +47,10 @@ WHOLE_CHUNK = 1 << 20
 
 class RequeueRequest(Exception):
     """vLLM failed before producing any output: give the request back to the queue."""
+
+
+class NoGoAhead(Exception):
+    """A redelivered attempt's gateway did not answer it within the liveness timeout."""
 
 
 class JobRunner:
@@ -100,7 +107,9 @@ class JobRunner:
             job.task.cancel()
 
     async def run(self, job: Job) -> None:
-        self.send(job, Kind.ACCEPTED)
+        if job.redelivered:
+            job.go_ahead = asyncio.get_running_loop().create_future()  # before ACCEPTED: its answer may be quick
+        self.send(job, Kind.ACCEPTED, ASK_PROCEED if job.redelivered else b"")
         usage: Usage | None = None
         outcome = "ok"
         stream = False
@@ -110,6 +119,8 @@ class JobRunner:
         answered = False
         try:
             assert job.message is not None
+            if job.go_ahead is not None:
+                await self._await_go_ahead(job, job.go_ahead)
             body, stream, wants_usage = self.request_body(job, job.message.body)
             job.body = body
             clock = self.accounting.clock(job.priority)
@@ -153,6 +164,12 @@ class JobRunner:
                     raise RequeueRequest(type(exc).__name__) from exc
                 raise
             answered = True  # END goes out once its usage record is durable (settle)
+        except NoGoAhead:
+            # As for a gateway gone quiet: the work is dropped. An error frame all the same, in case it
+            # still listens (the client then gets an answer rather than its idle timeout).
+            outcome = "error"
+            message = "The gateway did not confirm the redelivered request in time; please retry."
+            self.send(job, Kind.ERROR, error_body(503, message, code="gateway_unresponsive"), 503)
         except RequeueRequest as exc:
             outcome = "requeued"
             log.warning("vLLM failed before any output (%s): request back to the queue", exc)
@@ -192,9 +209,21 @@ class JobRunner:
                 answered=answered,
             )
 
+    async def _await_go_ahead(self, job: Job, go_ahead: asyncio.Future[None]) -> None:
+        """Wait for the gateway's ``Proceed`` (its ``Cancel`` cancels the task), bounded like its liveness."""
+        try:
+            async with asyncio.timeout(self.settings.gateway_liveness_timeout):
+                await go_ahead
+        except TimeoutError:
+            log.warning("no go-ahead for a redelivered request", extra={"request_id": job.request_id})
+            raise NoGoAhead from None
+        job.last_upstream_at = time.monotonic()  # the stall watchdog counts from the call, not the wait
+
     async def _stopped(self, job: Job) -> str:
         """The job's task was cancelled from outside; ``job.stop_reason`` says why."""
         reason = job.stop_reason
+        if reason == "cancel" and job.go_ahead is not None and not job.called_at:
+            return "declined"  # refused before the server was called: no work, no record
         if reason == "timeout":  # a whole answer past VLLM_REQUEST_TIMEOUT: this request's fault, not vLLM's
             limit = self.settings.vllm_request_timeout
             message = f"The inference server did not finish the answer within {limit:g} s."
@@ -250,7 +279,7 @@ class JobRunner:
             if estimated and not answered and usage is not None and not usage.prompt_tokens:
                 # Cut short (the client left, an error after output): its prompt was prefilled too.
                 usage.prompt_tokens = await prompt_tokens(self.backend, job.endpoint, job.body)
-            if outcome != "requeued":  # whoever serves it next records it
+            if outcome not in ("requeued", "declined"):  # requeued: whoever serves it next records it
                 await self.accounting.finish_durably(
                     job,
                     outcome=outcome,
