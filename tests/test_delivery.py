@@ -239,7 +239,8 @@ async def answered_after(http: httpx.AsyncClient, stack: Stack, token: str, user
 @pytest.mark.parametrize("how", ["broker-close", "proxy-reset"])
 async def test_worker_connection_cut_mid_stream_never_repeats(rig: Rig, how: str) -> None:
     """The issue's duplicated answer: the worker reconnects, the broker redelivers, and the gateway
-    must not splice the second attempt onto the first."""
+    must not splice the second attempt onto the first. Nor may the redelivery call the server at all:
+    its gateway refuses it before it starts (no tokens for nobody, no second ledger record)."""
     stack = rig.stack
     user = f"cut-worker-{how}"
     known = await asyncio.to_thread(broker_connections) if how == "broker-close" else []
@@ -258,8 +259,26 @@ async def test_worker_connection_cut_mid_stream_never_repeats(rig: Rig, how: str
             assert rig.worker_proxy.reset(links) >= 1
         result, reference = await streaming
         print(f"\nworker link cut ({how}): the stream ended {result.ended_at - cut_at:.2f} s after the cut")
-        await judged(http, rig, result, reference, user)
+        verdict = await judged(http, rig, result, reference, user)
         await answered_after(http, stack, rig.token, user + "-after")
+        await redelivery_settled(rig)
+        calls = [e for e in await sim_log(http, stack) if e["user"] == user and e["event"] == "queued"]
+        print(f"{user}: the server got the request {len(calls)} time(s)")
+        if verdict == "error":  # output reached the client: the redelivery is refused before it starts
+            assert len(calls) == 1, calls
+
+
+async def redelivery_settled(rig: Rig) -> None:
+    """The broker's redelivery of a cut worker's message was dequeued and settled: nothing waits in
+    the queue and every worker has all its slots free."""
+
+    async def idle() -> bool:
+        if await rig.stack.queued():
+            return False
+        slots = await asyncio.gather(*(asyncio.to_thread(_free_slots, w) for w in rig.live_workers()))
+        return all(free == SLOTS for free in slots)
+
+    await until(idle, timeout=10, what="the redelivery settled")
 
 
 async def test_gateway_connection_cut_mid_stream_aborts_vllm(rig: Rig) -> None:
