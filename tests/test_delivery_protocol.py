@@ -66,6 +66,21 @@ async def test_redelivery_after_output_ends_the_stream_with_an_error_never_a_spl
     assert inbox.ended and inbox.end_reason == "attempt_lost"  # dispatcher_streams_ended_total's reason
 
 
+async def test_a_redelivered_attempt_gets_the_go_ahead_only_before_output() -> None:
+    """``wants``: the gateway's Proceed to an attempt that asked for it (else feed cancels it)."""
+    inbox, a, b, c = Inbox(RID, "m"), Attempt("w.1"), Attempt("w.2"), Attempt("w.3")
+    feed(inbox, frames_of(a, Kind.ACCEPTED, Kind.HEAD))
+    assert inbox.wants("w.1")
+    assert feed(inbox, frames_of(b, Kind.ACCEPTED)) == ["w.1"]  # redelivered before output: B serves it
+    assert inbox.wants("w.2") and not inbox.wants("w.1")
+    feed(inbox, frames_of(b, Kind.HEAD, Kind.DATA))
+    for frame in await drain(inbox):
+        inbox.commit(frame)
+    assert not inbox.wants("w.2")  # committed: no attempt may start over
+    assert feed(inbox, frames_of(c, Kind.ACCEPTED)) == ["w.3"] and not inbox.wants("w.3")
+    assert not Inbox(RID, "m").wants("")  # still queued: nobody to go ahead
+
+
 @pytest.mark.parametrize("order", [[0, 1, 3], [0, 2, 1]], ids=["gap", "reordered"])
 async def test_a_gap_or_reordering_is_never_passed_on(order: list[int]) -> None:
     inbox, a = Inbox(RID, "m"), Attempt("w.1")
