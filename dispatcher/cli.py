@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.logs import setup_logging
-from dispatcher.settings import CommonSettings, GatewaySettings, WorkerSettings
+from dispatcher.settings import CommonSettings, GatewaySettings, SettingsError, WorkerSettings
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -112,7 +112,7 @@ async def _tokens(args: argparse.Namespace) -> None:
     from dispatcher.tokens import TokenError, TokenStore, hash_token, load_sync_file, publish_invalidation
 
     settings = CommonSettings()
-    store = TokenStore(settings.database_url)
+    store = TokenStore(settings.database_url, timeout=max(settings.sql_timeout, 10.0))  # a command: may wait longer
     changed: list[str] = []
     try:
         if args.action == "add":
@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None, extra: dict[str, Callable[..., None]] | 
         cmd_bench(argparse.Namespace(bench_args=argv[1:]))
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except SettingsError as exc:  # a wrong DISPATCHER_* value: one line, and the usage-error exit code
+        print(f"dispatcher: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 With Redis the counters are shared by every gateway replica: admission is one Lua script that checks
 and counts atomically; it and every other counter update go out in one pipeline per round trip,
 shared by all the requests of that moment. A token with no limit at all costs no Redis command.
-Without Redis they live in this process, so each replica enforces them separately. Redis errors
-fail open: a request is never refused because Redis is down.
+Without Redis they live in this process, so each replica enforces them separately. A request is never
+refused, nor kept waiting, because Redis is down: each Redis call is bounded, and while Redis is
+degraded (``dispatcher.dependency``) the limits are counted in this process, as without Redis.
 
 - requests per window (``rpm``): counted at admission, in a fixed window aligned on the clock.
 - tokens per window (``tpm``): prompt + completion tokens from the usage vLLM reports, charged when
@@ -30,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from dispatcher.dependency import Dependency, Unavailable, redis_dependency
 from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
 
@@ -320,6 +322,40 @@ class LocalCounters:
         state.window.tokens += tokens
 
 
+class FallbackCounters:
+    """The Redis counters, or this process's while Redis is degraded.
+
+    A request admitted here is finished here; tokens of requests that end while Redis is degraded are
+    charged here too (Redis would drop them).
+    """
+
+    def __init__(self, redis: aioredis.Redis, health: Dependency) -> None:
+        self.shared = RedisCounters(redis)
+        self.local = LocalCounters()
+        self.health = health
+        self._local_ids: set[str] = set()
+
+    async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
+        try:
+            return await self.health.call(lambda: self.shared.admit(name, request_id, quota, window, expiry))
+        except Unavailable:
+            self._local_ids.add(request_id)
+            return await self.local.admit(name, request_id, quota, window, expiry)
+
+    def accepted(self, name: str, request_id: str) -> None:
+        (self.local if request_id in self._local_ids else self.shared).accepted(name, request_id)
+
+    def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+        if request_id in self._local_ids or self.health.degraded:
+            self._local_ids.discard(request_id)
+            self.local.finish(name, request_id, tokens, window)
+        else:
+            self.shared.finish(name, request_id, tokens, window)
+
+    async def drain(self) -> None:
+        await self.shared.drain()
+
+
 class Admission:
     """One admitted request: report when a worker took it and when it ended (exactly once)."""
 
@@ -353,8 +389,18 @@ class Admission:
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis | None, *, window: float, max_queued: int, expiry: float) -> None:
-        self.counters: RedisCounters | LocalCounters = RedisCounters(redis) if redis is not None else LocalCounters()
+    def __init__(
+        self,
+        redis: aioredis.Redis | None,
+        *,
+        window: float,
+        max_queued: int,
+        expiry: float,
+        health: Dependency | None = None,
+    ) -> None:
+        self.counters: FallbackCounters | LocalCounters = (
+            FallbackCounters(redis, health or redis_dependency(redis, 0.5)) if redis is not None else LocalCounters()
+        )
         self.window = window
         self.max_queued = max_queued
         self.expiry = expiry  # safety net: a request counts as in flight at most this long
@@ -378,7 +424,7 @@ class RateLimiter:
 
     async def drain(self) -> None:
         """Let pending counter updates reach Redis (on shutdown)."""
-        if isinstance(self.counters, RedisCounters):
+        if isinstance(self.counters, FallbackCounters):
             await self.counters.drain()
 
     def _reset(self) -> float:

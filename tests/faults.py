@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -14,12 +15,13 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import psutil
 
-from tests.stack import Stack
+from tests.stack import Stack, free_port
 
 T = TypeVar("T")
 
@@ -458,3 +460,54 @@ def close_broker_connections(
     with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
         list(pool.map(lambda connection: ctl("close_connection", connection.pid, reason, table=False), chosen))
     return [connection.name for connection in chosen]
+
+
+# -- a Redis of the test's own ----------------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, to stop (SIGSTOP: a hung node), kill and restart.
+
+    Never the machine's Redis: other tests and engineers use that one.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} did not start")
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped process dies only once it runs
+            self.process.kill()
+            self.process.wait(10)
+
+    close = kill
