@@ -48,9 +48,11 @@ class Dependency:
         errors: tuple[type[BaseException], ...] = (),
         interval: float = 0.5,
         max_interval: float = 5.0,
+        on_recover: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.name = name
         self.probe = probe
+        self.on_recover = on_recover
         self.timeout = timeout
         # What counts as "the dependency failed" besides timeouts and OSError (a refused connection).
         self.errors = (TimeoutError, OSError, *errors)
@@ -112,6 +114,8 @@ class Dependency:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.probe()
+                    if self.on_recover is not None:
+                        await self.on_recover()
             except asyncio.CancelledError:
                 raise
             except Exception:  # still down: any error at all, the probe only asks "can we use it?"
@@ -173,4 +177,8 @@ def bounded_redis(url: str, timeout: float, max_connections: int = 512) -> aiore
 
 
 def redis_dependency(client: aioredis.Redis, timeout: float) -> Dependency:
-    return Dependency("redis", client.ping, timeout=timeout, errors=(RedisError,))
+    async def fresh_connections() -> None:
+        # Idle connections may date from before the outage (a restarted server): start on new sockets.
+        await client.connection_pool.disconnect(inuse_connections=False)
+
+    return Dependency("redis", client.ping, timeout=timeout, errors=(RedisError,), on_recover=fresh_connections)

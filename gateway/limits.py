@@ -192,6 +192,10 @@ class _Pipeline:
         connection = self._connection
         if connection is None:
             connection = self._connection = self.redis.connection_pool.make_connection()
+        elif connection.is_connected and await connection.can_read():
+            # Something to read before we asked: the server closed it (restarted). As the pool does on
+            # checkout: a fresh socket, instead of a failed round trip that would degrade Redis again.
+            await connection.disconnect()
         try:
             await connection.send_packed_command(connection.pack_commands(commands))
             replies: list[Any] = []

@@ -82,8 +82,8 @@ async def sql_fault(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     await proxy.start()
 
     def breaks(on: bool) -> None:
-        if fault == "stall":  # a black hole: connections stay open, nothing comes back
-            (proxy.stall if on else proxy.resume)()
+        if fault == "stall":  # a black hole: connections stay open (new ones too), nothing comes back
+            proxy.blackhole(on)
         elif on:  # the server is gone: connections reset, new ones refused
             proxy.refuse()
             proxy.reset()
@@ -171,7 +171,7 @@ async def test_gateway_answers_known_tokens_while_redis_hangs(
                 own_redis.kill()
             else:
                 assert proxy is not None
-                proxy.stall()
+                proxy.blackhole()
             during: list[float] = []
             for _ in range(4):
                 for token in (stack.token, limited):
@@ -196,7 +196,7 @@ async def test_gateway_answers_known_tokens_while_redis_hangs(
                 own_redis.start()
             else:
                 assert proxy is not None
-                proxy.resume()
+                proxy.blackhole(False)
             started = time.monotonic()
             await until(lambda: gateway_gauge(stack, "redis") == 0, timeout=20, what="redis to recover")
             print(f"recovered {time.monotonic() - started:.2f}s after the fault ended")
