@@ -29,7 +29,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import DrainingServer
+    from gateway.server import DrainingServer, guarded_protocol
 
     settings = GatewaySettings()
     settings.override(host=args.host, port=args.port, gateway_workers=args.workers)
@@ -46,7 +46,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level="warning",
         access_log=False,
         loop="auto",
-        http="auto",
+        http=guarded_protocol(settings.header_timeout, settings.max_connections),
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         timeout_keep_alive=30,
     )

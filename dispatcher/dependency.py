@@ -47,7 +47,7 @@ class Dependency:
         timeout: float,
         errors: tuple[type[BaseException], ...] = (),
         interval: float = 0.5,
-        max_interval: float = 5.0,
+        max_interval: float = 2.0,
         on_recover: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.name = name

@@ -332,3 +332,49 @@ def test_booleans_read_the_usual_spellings(monkeypatch: pytest.MonkeyPatch) -> N
                           ("0", False), ("no", False), ("OFF", False), ("", True)]:  # fmt: skip
         monkeypatch.setenv("DISPATCHER_PER_TOKEN_METRICS", raw)
         assert CommonSettings().per_token_metrics is expected, raw
+
+
+# -- slow-header clients ----------------------------------------------------------------------------
+
+
+async def test_slow_header_clients_are_cut_off_and_connections_capped(make_stack: type[Stack]) -> None:
+    stack = make_stack(env={"DISPATCHER_HEADER_TIMEOUT": "1", "DISPATCHER_MAX_CONNECTIONS": "20"})
+    stack.serve(max_num_seqs=4, max_concurrency=4, token="slowloris")
+    port = int(stack.gateway_url.rsplit(":", 1)[1])
+    flood = 40
+
+    async def slow_client() -> float:
+        """Sends a request head a header at a time, forever; returns when the gateway hung up."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n")
+        try:
+            while True:
+                try:
+                    if await asyncio.wait_for(reader.read(1024), 0.3) == b"":
+                        return time.monotonic() - started
+                except TimeoutError:
+                    writer.write(b"X-Slow: 1\r\n")  # one more header, never the blank line
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            return time.monotonic() - started
+        finally:
+            writer.close()
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        clients = [asyncio.create_task(slow_client()) for _ in range(flood)]
+        try:
+            await asyncio.sleep(0.3)
+            # Over the cap: a clear, OpenAI-shaped 503 at once (liveness still answers).
+            busy = await post(http, stack, chat("busy", 3, model=stack.model, stream=False), stack.token)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+            assert busy.json()["error"]["message"]
+            assert (await http.get(stack.gateway_url + "/health")).status_code == 200
+            held = await asyncio.wait_for(asyncio.gather(*clients), 15)
+        finally:
+            for client in clients:
+                client.cancel()
+        print(f"\n{flood} slow-header clients: cut after {min(held):.2f}-{max(held):.2f}s (header timeout 1s)")
+        assert max(held) < 5
+        answer = await post(http, stack, chat("after", 3, model=stack.model, stream=False), stack.token)
+        assert answer.status_code == 200, answer.text
