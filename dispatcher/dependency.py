@@ -49,8 +49,12 @@ class Dependency:
         interval: float = 0.5,
         max_interval: float = 2.0,
         on_recover: Callable[[], Awaitable[object]] | None = None,
+        detach: bool = False,
     ) -> None:
+        """``detach``: run each call as a task of its own, given up on at the timeout (for clients whose
+        cancellation may itself wait on the dead peer); else bounded in the caller's task (cheaper)."""
         self.name = name
+        self.detach = detach
         self.probe = probe
         self.on_recover = on_recover
         self.timeout = timeout
@@ -75,6 +79,13 @@ class Dependency:
         if self._degraded_since is not None:
             self.fallback()
             raise Unavailable(self.name)
+        if not self.detach:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await make()
+            except self.errors as exc:
+                self.failed(exc)
+                raise Unavailable(self.name, exc) from exc
         # A task of its own, so that the caller's wait ends at the timeout: a cancelled driver may take as
         # long again to clean up (a rollback on a black-holed connection); that happens in the background.
         task = asyncio.ensure_future(make())

@@ -101,7 +101,8 @@ class GatewayMetrics:
         self.token_lookups = Counter(
             "dispatcher_token_lookups",
             "Token lookups by where they were answered: cache, negative_cache (a recently unknown token), "
-            "redis, sql, or refused (the per-gateway SQL lookup budget for unknown tokens was spent).",
+            "redis, sql, refused (the per-gateway SQL lookup budget for unknown tokens was spent), or stale "
+            "(the database was degraded: a token seen valid, served from its last-known row).",
             ["source"],
             registry=registry,
         )

@@ -187,7 +187,7 @@ class TokenStore:
 
     def dependency(self) -> Dependency:
         """The database's health for callers that must not wait on it (the gateway's token lookups)."""
-        return Dependency("sql", self.ping, timeout=self.timeout or 2.0, errors=(SQLAlchemyError,))
+        return Dependency("sql", self.ping, timeout=self.timeout or 2.0, errors=(SQLAlchemyError,), detach=True)
 
     async def ensure_schema(self) -> None:
         if not self._schema_ready:
