@@ -129,7 +129,7 @@ DATABASE_SCHEMES = (
     "sqlite+aiosqlite", "postgresql+asyncpg", "mysql+aiomysql", "mysql+asyncmy", "mariadb+aiomysql", "mariadb+asyncmy",
 )  # fmt: skip
 PORT = {"low": 0, "high": 65535}
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
 @dataclass
