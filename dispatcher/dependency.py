@@ -63,6 +63,7 @@ class Dependency:
         self.interval = interval
         self.max_interval = max_interval
         self._degraded_since: float | None = None
+        self.recoveries = 0  # episodes ended: users holding their own connections reopen them
         self._fallbacks = 0  # in this episode, for the recovery line
         self._task: asyncio.Task[None] | None = None
         metrics = dependency_metrics()
@@ -141,6 +142,7 @@ class Dependency:
             self._fallbacks,
         )
         self._degraded_since = None
+        self.recoveries += 1
         self._fallbacks = 0
         self._gauge.set(0)
         self._task = None

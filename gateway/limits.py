@@ -192,10 +192,6 @@ class _Pipeline:
         connection = self._connection
         if connection is None:
             connection = self._connection = self.redis.connection_pool.make_connection()
-        elif connection.is_connected and await connection.can_read():
-            # Something to read before we asked: the server closed it (restarted). As the pool does on
-            # checkout: a fresh socket, instead of a failed round trip that would degrade Redis again.
-            await connection.disconnect()
         try:
             await connection.send_packed_command(connection.pack_commands(commands))
             replies: list[Any] = []
@@ -210,6 +206,7 @@ class _Pipeline:
         return replies
 
     async def close(self) -> None:
+        """Drop the connection (the next round trip opens a new one)."""
         if self._connection is not None:
             await self._connection.disconnect()
             self._connection = None
@@ -252,6 +249,10 @@ class RedisCounters:
         if tokens > 0:
             commands += [("INCRBY", tokens_key, tokens), ("EXPIRE", tokens_key, math.ceil(window) + 1)]
         self._pipeline.submit(commands, wait=False)
+
+    async def reconnect(self) -> None:
+        """The next round trip on a new socket (after an outage)."""
+        await self._pipeline.close()
 
     async def drain(self) -> None:
         """Until queued updates are sent (on shutdown)."""
@@ -338,8 +339,12 @@ class FallbackCounters:
         self.local = LocalCounters()
         self.health = health
         self._local_ids: set[str] = set()
+        self._recoveries = health.recoveries
 
     async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
+        if self.health.recoveries != self._recoveries:  # Redis is back: our socket may predate its restart
+            self._recoveries = self.health.recoveries
+            await self.shared.reconnect()
         try:
             return await self.health.call(lambda: self.shared.admit(name, request_id, quota, window, expiry))
         except Unavailable:
