@@ -13,7 +13,7 @@ from typing import Any
 
 from dispatcher.local import UpState, describe_database
 from dispatcher.logs import setup_logging
-from dispatcher.settings import CommonSettings, GatewaySettings, WorkerSettings
+from dispatcher.settings import CommonSettings, GatewaySettings, SettingsError, WorkerSettings
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -32,7 +32,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import DrainingServer
+    from gateway.server import DrainingServer, guarded_protocol
 
     settings = GatewaySettings()
     settings.override(host=args.host, port=args.port, gateway_workers=args.workers)
@@ -49,7 +49,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level="warning",
         access_log=False,
         loop="auto",
-        http="auto",
+        http=guarded_protocol(settings.header_timeout, settings.max_connections),
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         timeout_keep_alive=30,
     )
@@ -122,7 +122,7 @@ async def _tokens(args: argparse.Namespace) -> None:
 
     settings = CommonSettings()
     say_database(settings.database_url)
-    store = TokenStore(settings.database_url)
+    store = TokenStore(settings.database_url, timeout=max(settings.sql_timeout, 10.0))  # a command: may wait longer
     changed: list[str] = []
     try:
         if args.action == "add":
@@ -389,7 +389,11 @@ def main(argv: list[str] | None = None, extra: dict[str, Callable[..., None]] | 
         cmd_bench(argparse.Namespace(bench_args=argv[1:]))
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except SettingsError as exc:  # a wrong DISPATCHER_* value: one line, and the usage-error exit code
+        print(f"dispatcher: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ class GatewayMetrics:
         self.token_lookups = Counter(
             "dispatcher_token_lookups",
             "Token lookups by where they were answered: cache, negative_cache (a recently unknown token), "
-            "redis, sql, or refused (the per-gateway SQL lookup budget for unknown tokens was spent).",
+            "redis, sql, refused (the per-gateway SQL lookup budget for unknown tokens was spent), or stale "
+            "(the database was degraded: a token seen valid, served from its last-known row).",
             ["source"],
             registry=registry,
         )
@@ -305,3 +306,32 @@ def gateway_metrics() -> GatewayMetrics:
 @functools.cache
 def worker_metrics() -> WorkerMetrics:
     return WorkerMetrics()
+
+
+# -- dependency health (Redis, SQL): the degraded mode of dispatcher.dependency ---------------------
+
+
+class DependencyMetrics:
+    """Whether this process is serving without a dependency, and how often it did."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.degraded = Gauge(
+            "dispatcher_dependency_degraded",
+            "1 while this process serves without the dependency (redis, sql): it failed or timed out, "
+            "and a background probe has not reached it since.",
+            ["dependency"],
+            registry=registry,
+            multiprocess_mode="livemax",  # any process degraded: the service is degraded
+        )
+        self.fallbacks = Counter(
+            "dispatcher_dependency_fallbacks",
+            "Calls answered without the dependency (from in-process caches or limits, or refused) "
+            "because it failed, timed out or was known to be degraded.",
+            ["dependency"],
+            registry=registry,
+        )
+
+
+@functools.cache
+def dependency_metrics() -> DependencyMetrics:
+    return DependencyMetrics()

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from dispatcher.dependency import Dependency
 from dispatcher.local import prepare_database
 from dispatcher.wire import MAX_PRIORITY
 
@@ -26,6 +30,11 @@ log = logging.getLogger("dispatcher.tokens")
 # Redis key prefix of cached tokens, and the channel that tells gateways a token changed.
 REDIS_KEY = "dispatcher:token:"
 INVALIDATE_CHANNEL = "dispatcher:tokens:invalidate"
+# What a change leaves in a token's Redis entry for TOMBSTONE_TTL seconds: "ask SQL, and cache nothing
+# here". A gateway whose SQL read predates the change cannot write its old answer over it (see
+# gateway/auth.py); the TTL outlasts any lookup in flight (each of its calls is bounded).
+TOMBSTONE = b"!"
+TOMBSTONE_TTL = 60
 
 metadata = sa.MetaData()
 
@@ -72,6 +81,52 @@ def _add_missing_columns(conn: sa.Connection) -> list[str]:
     return added
 
 
+def _bounded(database_url: str, timeout: float | None) -> dict[str, Any]:
+    """Engine options that bound every call: connect, pool wait and (server side) each statement.
+
+    The server-side limits stop a runaway statement; a server that stops answering is bounded by the
+    driver's own timeout where it has one (asyncpg) and by the caller's (``Dependency.call``) everywhere.
+    """
+    if timeout is None:
+        return {}
+    url = sa.make_url(database_url)
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    options: dict[str, Any] = {"pool_timeout": timeout}
+    if backend == "postgresql" and driver == "asyncpg":
+        options["connect_args"] = {
+            "timeout": timeout,
+            "command_timeout": timeout,
+            "server_settings": {"statement_timeout": str(max(1, round(timeout * 1000)))},
+        }
+    elif backend in ("mysql", "mariadb"):
+        options["connect_args"] = {"connect_timeout": max(1, math.ceil(timeout))}
+    elif backend == "sqlite":
+        # Waiting for another writer's lock: ends before the caller's bound, so that the driver fails the
+        # statement itself. A statement cancelled inside aiosqlite leaves its connection's read lock held.
+        options["connect_args"] = {"timeout": timeout / 2}
+    return options
+
+
+def _limit_mysql_statements(engine: AsyncEngine, timeout: float) -> None:
+    """Every new MySQL/MariaDB session gets a statement time limit (each server names it its own way)."""
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def limit(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for statement in (
+                f"SET SESSION max_statement_time = {timeout:.3f}",  # MariaDB: seconds, every statement
+                f"SET SESSION max_execution_time = {max(1, round(timeout * 1000))}",  # MySQL: ms, SELECTs
+            ):
+                try:
+                    cursor.execute(statement)
+                    break
+                except Exception:  # not this server's variable: try the other one
+                    continue
+        finally:
+            cursor.close()
+
+
 class TokenInfo(msgspec.Struct, frozen=True):
     """What the gateway needs to know about a valid token (never the secret itself)."""
 
@@ -114,13 +169,27 @@ def check_priority(priority: int) -> int:
 class TokenStore:
     """Async access to the tokens table; the schema is created on first use."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, timeout: float | None = None) -> None:
+        """``timeout``: seconds any one connect, pool wait or statement may take (None: the drivers' own)."""
         prepare_database(database_url)
-        self.engine: AsyncEngine = create_async_engine(database_url, pool_pre_ping=True)
+        self.timeout = timeout
+        self.engine: AsyncEngine = create_async_engine(
+            database_url, pool_pre_ping=True, **_bounded(database_url, timeout)
+        )
         self._schema_ready = False
+        if timeout is not None and self.engine.dialect.name in ("mysql", "mariadb"):
+            _limit_mysql_statements(self.engine, timeout)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    def dependency(self) -> Dependency:
+        """The database's health for callers that must not wait on it (the gateway's token lookups)."""
+        return Dependency("sql", self.ping, timeout=self.timeout or 2.0, errors=(SQLAlchemyError,), detach=True)
 
     async def ensure_schema(self) -> None:
         if not self._schema_ready:
@@ -302,16 +371,23 @@ def load_sync_file(text: str) -> list[SyncEntry]:
     ]
 
 
-async def publish_invalidation(redis_url: str, token_hashes: list[str]) -> None:
-    """Tell every gateway (through Redis) that these tokens changed."""
+async def publish_invalidation(redis_url: str, token_hashes: list[str], timeout: float = 5.0) -> None:
+    """Tell every gateway (through Redis) that these tokens changed.
+
+    Each token's cached entry becomes a tombstone rather than being deleted, so that a gateway whose
+    lookup read SQL before the change cannot write the old row back after it (see gateway/auth.py).
+    """
     if not redis_url or not token_hashes:
         return
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
-        await client.delete(*(REDIS_KEY + h for h in token_hashes))
-        for token_hash in token_hashes:
-            await client.publish(INVALIDATE_CHANNEL, token_hash)
-    except RedisError as exc:
+        async with client.pipeline(transaction=False) as pipe:
+            for token_hash in token_hashes:
+                pipe.set(REDIS_KEY + token_hash, TOMBSTONE, ex=TOMBSTONE_TTL)
+            for token_hash in token_hashes:
+                pipe.publish(INVALIDATE_CHANNEL, token_hash)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
         log.warning("could not invalidate cached tokens in redis: %s", type(exc).__name__)
     finally:
         await client.aclose()

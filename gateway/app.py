@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dispatcher.dependency import redis_dependency
 from dispatcher.errors import APIError, error_body
 from dispatcher.metrics import UNKNOWN_MODEL, gateway_metrics
 from dispatcher.settings import GatewaySettings
@@ -251,18 +252,24 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 
 async def _listen_for_invalidations(client: aioredis.Redis, auth: TokenAuthenticator) -> None:
     """Drop cached tokens the moment `dispatcher tokens` changes them."""
+    failing = False
     while True:
         try:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(INVALIDATE_CHANNEL)
+                if failing:  # changes may have been announced while we were not listening
+                    log.warning("token invalidation listener: subscribed again")
+                    auth.invalidate(keep_known=True)
+                    failing = False
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         auth.invalidate(message["data"].decode())
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Redis down: caches expire on their own meanwhile
-            log.warning("token invalidation listener: %s", type(exc).__name__)
-            auth.invalidate()
+        except Exception as exc:  # Redis down: caches expire on their own meanwhile (logged once)
+            if not failing:
+                log.warning("token invalidation listener: %s; retrying every 2s", type(exc).__name__)
+            failing = True
             await asyncio.sleep(2)
 
 
@@ -272,15 +279,18 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        store = TokenStore(settings.database_url)
-        redis = shared_redis(settings.redis_url) if settings.redis_url else None
-        auth = TokenAuthenticator(store, redis, local_ttl=settings.token_cache_ttl)
+        # Every Redis and SQL call is bounded; each dependency has a degraded mode (dispatcher.dependency).
+        store = TokenStore(settings.database_url, timeout=settings.sql_timeout)
+        redis = shared_redis(settings.redis_url, settings.redis_timeout) if settings.redis_url else None
+        redis_health = redis_dependency(redis, settings.redis_timeout) if redis is not None else None
+        auth = TokenAuthenticator(store, redis, local_ttl=settings.token_cache_ttl, redis_health=redis_health)
         limits = RateLimiter(
             redis,
             window=settings.rate_limit_window,
             max_queued=settings.max_queued_per_token,
             expiry=settings.queue_timeout + 600,  # a request counts as in flight at most this long
             max_streams=settings.max_streams_per_token,
+            health=redis_health,
         )
         broker = GatewayBroker(settings)
         broker.on_billed = limits.billed  # TPM charges what the workers bill, also after the client left
@@ -304,6 +314,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             await broker.stop()
             await close_ledger()  # refusal records not confirmed yet: sent now, not by the next gateway
             await limits.drain()
+            await auth.close()
             if redis is not None:
                 await redis.aclose()
             await store.close()

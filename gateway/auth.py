@@ -5,9 +5,18 @@ Tokens are looked up by their sha256; the secret itself is never stored, cached 
 A flood of made-up tokens must not push the valid ones out nor reach the database once each, so:
 - valid and unknown tokens live in separate bounded caches (cachetools): misses never evict hits;
 - an unknown token is remembered for ``negative_ttl`` seconds (here and in Redis);
-- lookups that reach SQL for tokens Redis does not know are rate-limited per gateway
+- lookups that reach SQL for tokens neither Redis nor this process knows are rate-limited per gateway
   (``sql_lookups_per_second``): beyond it such a token gets a 503 with ``Retry-After`` and no SQL query.
-  A valid token already in Redis or in this process's cache is answered as usual.
+  A token this process has seen valid (its last-known answer) is never charged to that budget.
+
+Redis and SQL calls are bounded and each has a degraded mode (``dispatcher.dependency``): while Redis is
+degraded lookups go straight to SQL; while SQL is degraded a token this process has seen valid is
+served from its last-known answer and others get a 503. Neither waits on the dependency again.
+
+Revocation: ``dispatcher tokens`` writes a short-lived tombstone over a changed token's Redis entry
+(``dispatcher.tokens.TOMBSTONE``); a lookup that read SQL before the change writes its answer back only
+where no tombstone is (one Lua script), so a late write-back cannot resurrect the old row. In this
+process, an invalidation heard while a lookup is in flight keeps that lookup's answer out of the caches.
 """
 
 from __future__ import annotations
@@ -18,12 +27,11 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 from cachetools import LRUCache, TTLCache
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
+from dispatcher.dependency import Dependency, Unavailable, bounded_redis, redis_dependency
 from dispatcher.errors import APIError
 from dispatcher.metrics import gateway_metrics
-from dispatcher.tokens import REDIS_KEY, TokenInfo, TokenStore, hash_token
+from dispatcher.tokens import REDIS_KEY, TOMBSTONE, TokenInfo, TokenStore, hash_token
 from dispatcher.wire import MAX_PRIORITY, clamp_priority
 
 log = logging.getLogger("dispatcher.gateway.auth")
@@ -33,19 +41,21 @@ PRIORITY_HEADER = "x-dispatcher-priority"
 
 _UNKNOWN = b"-"  # cached "no such token", so that bad tokens don't hammer SQL
 
+# Write a looked-up token back unless `dispatcher tokens` tombstoned it meanwhile.
+# KEYS: the token's key; ARGV: value, ttl (s), tombstone
+_CACHE_UNLESS_TOMBSTONED = """
+if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
 _info_decoder = msgspec.json.Decoder(TokenInfo)
 _encoder = msgspec.json.Encoder()
 
 
-def shared_redis(url: str, max_connections: int = 512, wait: float = 5.0) -> aioredis.Redis:
-    """The gateway's Redis client: a pool that waits for a free connection.
-
-    redis-py's default pool has 100 connections and raises MaxConnectionsError beyond them at once;
-    under a burst of new requests that made token lookups fall through to SQL and rate limits let
-    requests through unchecked. This pool waits up to ``wait`` seconds instead.
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait)
-    return aioredis.Redis(connection_pool=pool)
+def shared_redis(url: str, timeout: float = 0.5, max_connections: int = 512) -> aioredis.Redis:
+    """The gateway's Redis client (see ``dispatcher.dependency.bounded_redis``)."""
+    return bounded_redis(url, timeout, max_connections)
 
 
 class RateBudget:
@@ -78,6 +88,8 @@ class TokenAuthenticator:
         redis_ttl: int = 300,
         max_entries: int = 100_000,
         sql_lookups_per_second: float = 50.0,
+        redis_health: Dependency | None = None,
+        sql_health: Dependency | None = None,
     ) -> None:
         self.store = store
         self.redis = redis
@@ -89,6 +101,10 @@ class TokenAuthenticator:
         self._known: LRUCache[str, TokenInfo] = LRUCache(max_entries)
         self._sql_budget = RateBudget(sql_lookups_per_second, burst=max(1.0, sql_lookups_per_second))
         self._lookups = gateway_metrics().token_lookups
+        self.redis_health = redis_health or (redis_dependency(redis, 0.5) if redis is not None else None)
+        self.sql_health = sql_health or store.dependency()
+        self._cache_write = redis.register_script(_CACHE_UNLESS_TOMBSTONED) if redis is not None else None
+        self._epoch = 0  # counts invalidations: a lookup that saw one while in flight caches nothing
 
     async def authenticate(self, authorization: str | None) -> TokenInfo:
         secret = _bearer(authorization)
@@ -105,40 +121,56 @@ class TokenAuthenticator:
         if token_hash in self._unknown:
             self._lookups.labels("negative_cache").inc()
             return None
+        epoch = self._epoch
         try:
             info = await self._lookup_shared(token_hash)
-        except (SQLAlchemyError, OSError) as exc:  # OSError: the driver could not even connect
+        except Unavailable as exc:
             stale = self._known.get(token_hash)
             if stale is not None:  # the database is down: a token we knew keeps working
-                log.warning("token database unavailable, serving a cached token: %s", type(exc).__name__)
-                self._valid[token_hash] = stale
+                self._lookups.labels("stale").inc()
                 return stale
             raise APIError(503, "The token database is unavailable; try again later.") from exc
-        if info is None:
-            self._unknown[token_hash] = True
-        else:
-            self._valid[token_hash] = self._known[token_hash] = info
+        if epoch == self._epoch:  # else the token changed while we looked: this answer may predate it
+            if info is None:
+                self._unknown[token_hash] = True
+                self._known.pop(token_hash, None)  # revoked: not served even while SQL is down
+            else:
+                self._valid[token_hash] = self._known[token_hash] = info
         return info
 
-    def invalidate(self, token_hash: str | None = None) -> None:
+    def invalidate(self, token_hash: str | None = None, *, keep_known: bool = False) -> None:
+        """Forget a token (or all): ``keep_known`` keeps the last-known answers served while SQL is down."""
+        self._epoch += 1
         if token_hash is None:
             self._valid.clear()
             self._unknown.clear()
-            self._known.clear()
+            if not keep_known:
+                self._known.clear()
         else:
             for cache in (self._valid, self._unknown, self._known):
                 cache.pop(token_hash, None)
 
+    async def close(self) -> None:
+        for health in (self.redis_health, self.sql_health):
+            if health is not None:
+                await health.close()
+
     async def _lookup_shared(self, token_hash: str) -> TokenInfo | None:
-        if self.redis is not None:
+        key = REDIS_KEY + token_hash
+        redis, redis_health = self.redis, self.redis_health
+        tombstoned = False
+        if redis is not None and redis_health is not None:
             try:
-                raw = await self.redis.get(REDIS_KEY + token_hash)
-                if raw is not None:
-                    self._lookups.labels("redis").inc()
-                    return None if raw == _UNKNOWN else _info_decoder.decode(raw)
-            except RedisError as exc:  # Redis is a cache: fall back to SQL
-                log.warning("redis unavailable for token lookup: %s", type(exc).__name__)
-        if not self._sql_budget.take():
+                raw = await redis_health.call(lambda: redis.get(key))
+            except Unavailable:  # Redis is a cache: SQL answers (the dependency logged it)
+                raw = None
+            if raw == TOMBSTONE:
+                tombstoned = True  # just changed: ask SQL, and leave the tombstone in place
+            elif raw is not None:
+                self._lookups.labels("redis").inc()
+                return None if raw == _UNKNOWN else _info_decoder.decode(raw)
+        # A token seen valid here is a real tenant's: never refused for the flood of made-up ones.
+        if token_hash not in self._known and not self.sql_health.degraded and not self._sql_budget.take():
             self._lookups.labels("refused").inc()
             raise APIError(
                 503,
@@ -147,13 +179,14 @@ class TokenAuthenticator:
                 headers={"Retry-After": "1"},
             )
         self._lookups.labels("sql").inc()
-        info = await self.store.lookup(token_hash)
-        if self.redis is not None:
+        info = await self.sql_health.call(lambda: self.store.lookup(token_hash))
+        if redis_health is not None and self._cache_write is not None and not tombstoned and not redis_health.degraded:
+            value = _encoder.encode(info) if info is not None else _UNKNOWN
+            ttl = self.redis_ttl if info is not None else max(1, round(self.negative_ttl))
+            script = self._cache_write
             try:
-                value = _encoder.encode(info) if info is not None else _UNKNOWN
-                ttl = self.redis_ttl if info is not None else max(1, round(self.negative_ttl))
-                await self.redis.set(REDIS_KEY + token_hash, value, ex=ttl)
-            except RedisError:
+                await redis_health.call(lambda: script(keys=[key], args=[value, ttl, TOMBSTONE]))
+            except Unavailable:
                 pass
         return info
 

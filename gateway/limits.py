@@ -3,8 +3,9 @@
 With Redis the counters are shared by every gateway replica: admission is one Lua script that checks
 and counts atomically; it and every other counter update go out in one pipeline per round trip,
 shared by all the requests of that moment. A token with no limit at all costs no Redis command.
-Without Redis they live in this process, so each replica enforces them separately. Redis errors
-fail open: a request is never refused because Redis is down.
+Without Redis they live in this process, so each replica enforces them separately. A request is never
+refused, nor kept waiting, because Redis is down: each Redis call is bounded, and while Redis is
+degraded (``dispatcher.dependency``) the limits are counted in this process, as without Redis.
 
 - requests per window (``rpm``): counted at admission, in a fixed window aligned on the clock.
 - tokens per window (``tpm``): prompt + completion tokens exactly as the usage ledger bills them,
@@ -37,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from dispatcher.dependency import Dependency, Unavailable, redis_dependency
 from dispatcher.errors import APIError
 from dispatcher.tokens import TokenInfo
 from dispatcher.wire import Frame, Kind
@@ -215,6 +217,7 @@ class _Pipeline:
         return replies
 
     async def close(self) -> None:
+        """Drop the connection (the next round trip opens a new one)."""
         if self._connection is not None:
             await self._connection.disconnect()
             self._connection = None
@@ -263,6 +266,10 @@ class RedisCounters:
         tokens_key = _keys(name, int(time.time() // window))[1]
         commands: list[Command] = [("INCRBY", tokens_key, tokens), ("EXPIRE", tokens_key, math.ceil(window) + 1)]
         self._pipeline.submit(commands, wait=False)
+
+    async def reconnect(self) -> None:
+        """The next round trip on a new socket (after an outage)."""
+        await self._pipeline.close()
 
     async def drain(self) -> None:
         """Until queued updates are sent (on shutdown)."""
@@ -376,6 +383,63 @@ class StreamCap:
         return release
 
 
+class FallbackCounters:
+    """The Redis counters, or this process's while Redis is degraded.
+
+    A request admitted here is finished here; tokens of requests that end while Redis is degraded are
+    charged here too (Redis would drop them).
+    """
+
+    def __init__(self, redis: aioredis.Redis, health: Dependency) -> None:
+        self.shared = RedisCounters(redis)
+        self.local = LocalCounters()
+        self.health = health
+        self._local_ids: set[str] = set()
+        self._recoveries = health.recoveries
+        # Tokens charged while Redis was degraded (name, tokens, window, when): added to the shared
+        # window once Redis is back, so that every replica's limit counts them, as the ledger does.
+        self._unsent: list[tuple[str, int, float, float]] = []
+
+    async def admit(self, name: str, request_id: str, quota: Quota, window: float, expiry: float) -> Counts:
+        if self.health.recoveries != self._recoveries:  # Redis is back: our socket may predate its restart
+            self._recoveries = self.health.recoveries
+            await self.shared.reconnect()
+            self._replay_charges()
+        try:
+            return await self.health.call(lambda: self.shared.admit(name, request_id, quota, window, expiry))
+        except Unavailable:
+            self._local_ids.add(request_id)
+            return await self.local.admit(name, request_id, quota, window, expiry)
+
+    def accepted(self, name: str, request_id: str) -> None:
+        (self.local if request_id in self._local_ids else self.shared).accepted(name, request_id)
+
+    def finish(self, name: str, request_id: str, tokens: int, window: float) -> None:
+        if request_id in self._local_ids or self.health.degraded:
+            self._local_ids.discard(request_id)
+            self.local.finish(name, request_id, tokens, window)
+        else:
+            self.shared.finish(name, request_id, tokens, window)
+
+    def charge(self, name: str, tokens: int, window: float) -> None:
+        if self.health.degraded:
+            self.local.charge(name, tokens, window)
+            self._unsent.append((name, tokens, window, time.time()))
+        else:
+            self.shared.charge(name, tokens, window)
+
+    def _replay_charges(self) -> None:
+        """Charges made while degraded, into Redis: those of a window that has not ended yet."""
+        unsent, self._unsent = self._unsent, []
+        now = time.time()
+        for name, tokens, window, at in unsent:
+            if at // window == now // window:
+                self.shared.charge(name, tokens, window)
+
+    async def drain(self) -> None:
+        await self.shared.drain()
+
+
 class Admission:
     """One admitted request: report when a worker took it, when it ended (exactly once), and what
     its worker billed."""
@@ -444,8 +508,11 @@ class RateLimiter:
         max_queued: int,
         expiry: float,
         max_streams: int = 0,
+        health: Dependency | None = None,
     ) -> None:
-        self.counters: RedisCounters | LocalCounters = RedisCounters(redis) if redis is not None else LocalCounters()
+        self.counters: FallbackCounters | LocalCounters = (
+            FallbackCounters(redis, health or redis_dependency(redis, 0.5)) if redis is not None else LocalCounters()
+        )
         self.window = window
         self.max_queued = max_queued
         self.expiry = expiry  # safety net: a request counts as in flight at most this long
@@ -500,7 +567,7 @@ class RateLimiter:
 
     async def drain(self) -> None:
         """Let pending counter updates reach Redis (on shutdown)."""
-        if isinstance(self.counters, RedisCounters):
+        if isinstance(self.counters, FallbackCounters):
             await self.counters.drain()
 
     def _reset(self) -> float:

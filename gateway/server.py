@@ -7,6 +7,10 @@ second before it runs out end with an error event (``on_grace_end``) rather than
 mid-stream. SIGINT (Ctrl-C) skips the delay.
 
 ``dispatcher gateway --workers N`` runs N such servers as child processes on one port (``supervise``).
+
+``GuardedProtocol`` bounds what clients can hold: a request's head must arrive within ``header_timeout``
+(uvicorn itself waits forever for a client that sends its headers a byte at a time), and beyond
+``max_connections`` open connections a request is answered with an OpenAI-shaped 503 at once.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dispatcher import processes
+from dispatcher.errors import error_body
 from dispatcher.processes import metrics_directory, port_free
 
 if TYPE_CHECKING:
@@ -34,6 +40,71 @@ log = logging.getLogger("dispatcher.gateway")
 # Seconds before the shutdown grace runs out at which open streams are ended with an error event: the
 # relays need a moment to write it before uvicorn cancels what is left.
 GRACE_END_MARGIN = 1.0
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head and a cap on connections."""
+
+    header_timeout: float = 10.0
+    max_connections: int = 4096
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()  # the next request of a kept-alive connection: its head has the same deadline
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        over = len(self.connections) > self.max_connections or len(self.tasks) >= self.max_connections
+        if over and self.url.partition(b"?")[0] != b"/health":  # liveness stays true under a flood
+            app, self.app = self.app, _at_capacity
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with these bounds."""
+    return type(
+        "GuardedProtocol",
+        (GuardedProtocol,),
+        {"header_timeout": header_timeout, "max_connections": max_connections},
+    )
+
+
+_AT_CAPACITY = error_body(503, "The gateway has too many open connections; try again shortly.")
+
+
+async def _at_capacity(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(_AT_CAPACITY)).encode()),
+               (b"retry-after", b"1"), (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _AT_CAPACITY})
 
 
 class DrainingServer(uvicorn.Server):

@@ -167,6 +167,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self.links: list[Link] = []
+        self.blackholed = False  # new links start stalled too (see ``blackhole``)
         self._numbers = 0
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,6 +239,11 @@ class TcpProxy:
     def resume(self, links: list[Link] | None = None) -> None:
         self._call(self._set_flow(self.live() if links is None else links, True))
 
+    def blackhole(self, on: bool = True) -> None:
+        """Stall every open link and every new one (``on=False``: resume all), as a dead route does."""
+        self.blackholed = on
+        (self.stall if on else self.resume)()
+
     # -- the API of the first version, for tests running on the loop ---------------------------------
 
     async def start(self) -> None:
@@ -306,6 +312,8 @@ class TcpProxy:
             return
         self._numbers += 1
         link = Link(self._numbers, writer, up_writer)
+        if self.blackholed:
+            link.flowing.clear()
         self.links.append(link)
         self.on_open(link)
 

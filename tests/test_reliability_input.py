@@ -7,14 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from dispatcher.tokens import TokenStore
-from tests.faults import TcpProxy, chat, post
+from tests.faults import TcpProxy, chat, post, until
 from tests.stack import DATABASES, Stack, run_sync
 
 # -- 7. degraded dependencies -------------------------------------------------------------------------
@@ -69,7 +69,8 @@ async def test_auth_survives_redis_or_sql_outage(make_stack: type[Stack], proxie
             assert unknown.status_code == 503, unknown.text
             assert "database" in unknown.json()["error"]["message"]
             await sql.restore()
-            assert (await models(token_c)).status_code == 200
+            # The gateway notices by itself (a background probe, within a few seconds; no request waits).
+            await until(lambda: _ok(models(token_c)), timeout=10, what="the token database to be used again")
     finally:
 
         async def cleanup() -> None:
@@ -81,6 +82,10 @@ async def test_auth_survives_redis_or_sql_outage(make_stack: type[Stack], proxie
                 await store.close()
 
         run_sync(cleanup)
+
+
+async def _ok(answer: Awaitable[httpx.Response]) -> bool:
+    return (await answer).status_code == 200
 
 
 # -- 8. bad input -----------------------------------------------------------------------------------
