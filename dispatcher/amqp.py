@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from dispatcher.metrics import broker_metrics
+from llmdispatch.metrics import broker_metrics
 
 log = logging.getLogger("dispatcher.amqp")
 
@@ -190,7 +190,7 @@ async def declare_model_queue(connection: AbstractConnection, name: str, argumen
 
 async def delete_model_queue(url: str, model: str) -> None:
     """Remove a model's queues (tests and benchmarks clean up after themselves); no broker, no-op."""
-    from dispatcher.wire import queue_name
+    from llmdispatch.wire import queue_name
 
     try:
         connection = await aio_pika.connect(split_urls(url)[0])

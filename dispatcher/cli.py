@@ -11,9 +11,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from dispatcher.local import UpState, describe_database
-from dispatcher.logs import setup_logging
-from dispatcher.settings import CommonSettings, GatewaySettings, SettingsError, WorkerSettings
+from llmdispatch.local import UpState, describe_database
+from llmdispatch.logs import setup_logging
+from llmdispatch.settings import CommonSettings, GatewaySettings, SettingsError, WorkerSettings
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -31,14 +31,14 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.server import DrainingServer, guarded_protocol
+    from llmdispatch.gateway.app import create_app
+    from llmdispatch.gateway.server import DrainingServer, guarded_protocol
 
     settings = GatewaySettings()
     settings.override(host=args.host, port=args.port, gateway_workers=args.workers)
     setup_logging(settings.log_level, settings.log_format)
     if settings.gateway_workers > 1 and not args.reuse_port:
-        from gateway.server import supervise
+        from llmdispatch.gateway.server import supervise
 
         sys.exit(supervise(settings))
     app = create_app(settings)
@@ -60,7 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         on_grace_end=lambda: app.state.broker.fail_all(503, "The gateway is shutting down; please retry."),
     )
     if args.reuse_port:  # one of several processes on this port (see gateway.server.supervise)
-        from dispatcher.processes import reuse_port_socket
+        from llmdispatch.processes import reuse_port_socket
 
         server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
     else:
@@ -68,7 +68,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from worker.run import serve, supervise
+    from llmdispatch.worker.run import serve, supervise
 
     settings = WorkerSettings()
     settings.override(
@@ -88,7 +88,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from simulator.app import run
+    from llmdispatch.simulator.app import run
 
     run(
         host=args.host,
@@ -109,7 +109,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_tokens(args: argparse.Namespace) -> None:
-    from dispatcher.tokens import TokenError
+    from llmdispatch.tokens import TokenError
 
     try:
         _run(_tokens(args))
@@ -118,7 +118,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 
 async def _tokens(args: argparse.Namespace) -> None:
-    from dispatcher.tokens import TokenError, TokenStore, hash_token, load_sync_file, publish_invalidation
+    from llmdispatch.tokens import TokenError, TokenStore, hash_token, load_sync_file, publish_invalidation
 
     settings = CommonSettings()
     say_database(settings.database_url)
@@ -196,7 +196,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
     """Totals per token and model from the usage ledger (a RabbitMQ stream)."""
     import json
 
-    from dispatcher.usage import parse_time, read_usage, render_csv, render_table, summarize
+    from llmdispatch.usage import parse_time, read_usage, render_csv, render_table, summarize
 
     settings = CommonSettings()
     origin = "DISPATCHER_USAGE_STREAM_URL"
@@ -215,7 +215,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
             "error: no usage stream: set DISPATCHER_USAGE_STREAM_URL or pass --stream-url "
             "(after `dispatcher up` with RabbitMQ's stream plugin on, none is needed)"
         )
-    from dispatcher.usage import StreamAddress
+    from llmdispatch.usage import StreamAddress
 
     try:
         address = StreamAddress.parse(settings.usage_stream_url)
@@ -236,7 +236,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
     except (OSError, ConnectionError) as exc:
         sys.exit(f"error: cannot reach the usage stream: {exc}")
     if args.format == "records":
-        from dispatcher.usage import encode_record, unique
+        from llmdispatch.usage import encode_record, unique
 
         for record in unique(records):  # one JSON line per request, for billing systems
             print(encode_record(record).decode())
@@ -254,7 +254,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from dispatcher.up import main as up
+    from llmdispatch.up import main as up
 
     up(args)
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark: streaming load direct to the simulator and through the stack")
     p.set_defaults(func=cmd_bench, bench_args=[])
 
-    from dispatcher.up import add_parser as up_parser
+    from llmdispatch.up import add_parser as up_parser
 
     p = up_parser(sub)
     p.set_defaults(func=cmd_up)
@@ -378,7 +378,7 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from loadtest.bench import main as bench
+    from llmdispatch.loadtest.bench import main as bench
 
     bench(args.bench_args)
 

@@ -33,8 +33,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from dispatcher.errors import error_body
-from dispatcher.wire import Frame, Kind
+from llmdispatch.errors import error_body
+from llmdispatch.wire import Frame, Kind
 
 
 class State(enum.Enum):

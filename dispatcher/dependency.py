@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from dispatcher.metrics import dependency_metrics
+from llmdispatch.metrics import dependency_metrics
 
 log = logging.getLogger("dispatcher.dependency")
 

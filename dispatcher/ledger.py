@@ -35,8 +35,8 @@ from rstream.producer import ConfirmationStatus
 from rstream.recovery import BackOffRecoveryStrategy
 from rstream.utils import RawMessage
 
-from dispatcher.usage import StreamAddress, UsageRecord, decode_record, encode_record
-from dispatcher.wal import WalBusy, WriteAheadLog, default_path
+from llmdispatch.usage import StreamAddress, UsageRecord, decode_record, encode_record
+from llmdispatch.wal import WalBusy, WriteAheadLog, default_path
 
 log = logging.getLogger("dispatcher.usage.ledger")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from dispatcher.settings import CommonSettings
+from llmdispatch.settings import CommonSettings
 
 # Queue wait spans milliseconds (idle) to minutes (a backlog behind a queue timeout of 300 s).
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

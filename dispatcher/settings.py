@@ -12,7 +12,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
-from dispatcher.local import default_database_url
+from llmdispatch.local import default_database_url
 
 ENV_PREFIX = "DISPATCHER_"
 

@@ -21,9 +21,9 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from dispatcher.dependency import Dependency
-from dispatcher.local import prepare_database
-from dispatcher.wire import MAX_PRIORITY
+from llmdispatch.dependency import Dependency
+from llmdispatch.local import prepare_database
+from llmdispatch.wire import MAX_PRIORITY
 
 log = logging.getLogger("dispatcher.tokens")
 

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
-from dispatcher.local import UpState, describe_database, stream_url_from_amqp, up_stream_name
-from dispatcher.processes import die_with_parent
-from dispatcher.settings import CommonSettings
+from llmdispatch.local import UpState, describe_database, stream_url_from_amqp, up_stream_name
+from llmdispatch.processes import die_with_parent
+from llmdispatch.settings import CommonSettings
 
 TAIL_LINES = 40
 STOP_TIMEOUT = 15.0  # for the worker and the simulator, once the gateway is gone
@@ -190,7 +190,7 @@ def usage_stream(settings: CommonSettings) -> tuple[str, str, str]:
 
 
 def run(args: argparse.Namespace, make_demo_token: Callable[[], Demo]) -> None:
-    me = [sys.executable, "-m", "dispatcher.cli"]
+    me = [sys.executable, "-m", "llmdispatch.cli"]
     host = "127.0.0.1"
     settings = CommonSettings()
     stream_url, stream_name, stream_why = usage_stream(settings)
@@ -326,7 +326,7 @@ async def demo_token() -> Demo:
 
     A 'demo' token `up` did not make (or one that was revoked since) is left as it is: never deleted.
     """
-    from dispatcher.tokens import TokenStore, hash_token
+    from llmdispatch.tokens import TokenStore, hash_token
 
     settings = CommonSettings()
     state = UpState.load()
@@ -411,6 +411,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 
 def main(args: argparse.Namespace) -> None:
-    from dispatcher.cli import _run
+    from llmdispatch.cli import _run
 
     run(args, lambda: _run(demo_token()))

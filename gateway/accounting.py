@@ -10,8 +10,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from dispatcher.metrics import gateway_metrics, lane_of
-from gateway.relay import Outcome, Relay
+from llmdispatch.gateway.relay import Outcome, Relay
+from llmdispatch.metrics import gateway_metrics, lane_of
 
 log = logging.getLogger("dispatcher.gateway.requests")
 

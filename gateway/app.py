@@ -16,21 +16,21 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dispatcher.dependency import redis_dependency
-from dispatcher.errors import APIError, error_body
-from dispatcher.metrics import UNKNOWN_MODEL, gateway_metrics
-from dispatcher.settings import GatewaySettings
-from dispatcher.tokens import INVALIDATE_CHANNEL, TokenStore
-from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT, unix_ms
-from gateway.accounting import RequestRecord
-from gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority, shared_redis
-from gateway.broker import GatewayBroker
-from gateway.ledger import close_ledger, record_refusal
-from gateway.limits import RateLimiter
-from gateway.metrics_port import MetricsPort
-from gateway.openapi import operation_with_body
-from gateway.relay import ClientWatch, Relay, SSEResponse
-from gateway.requests import check_model, parse_head
+from llmdispatch.dependency import redis_dependency
+from llmdispatch.errors import APIError, error_body
+from llmdispatch.gateway.accounting import RequestRecord
+from llmdispatch.gateway.auth import PRIORITY_HEADER, TokenAuthenticator, effective_priority, shared_redis
+from llmdispatch.gateway.broker import GatewayBroker
+from llmdispatch.gateway.ledger import close_ledger, record_refusal
+from llmdispatch.gateway.limits import RateLimiter
+from llmdispatch.gateway.metrics_port import MetricsPort
+from llmdispatch.gateway.openapi import operation_with_body
+from llmdispatch.gateway.relay import ClientWatch, Relay, SSEResponse
+from llmdispatch.gateway.requests import check_model, parse_head
+from llmdispatch.metrics import UNKNOWN_MODEL, gateway_metrics
+from llmdispatch.settings import GatewaySettings
+from llmdispatch.tokens import INVALIDATE_CHANNEL, TokenStore
+from llmdispatch.wire import H_ENDPOINT, H_ENQUEUED_AT, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT, unix_ms
 
 log = logging.getLogger("dispatcher.gateway")
 

@@ -28,11 +28,11 @@ import msgspec
 import redis.asyncio as aioredis
 from cachetools import LRUCache, TTLCache
 
-from dispatcher.dependency import Dependency, Unavailable, bounded_redis, redis_dependency
-from dispatcher.errors import APIError
-from dispatcher.metrics import gateway_metrics
-from dispatcher.tokens import REDIS_KEY, TOMBSTONE, TokenInfo, TokenStore, hash_token
-from dispatcher.wire import MAX_PRIORITY, clamp_priority
+from llmdispatch.dependency import Dependency, Unavailable, bounded_redis, redis_dependency
+from llmdispatch.errors import APIError
+from llmdispatch.metrics import gateway_metrics
+from llmdispatch.tokens import REDIS_KEY, TOMBSTONE, TokenInfo, TokenStore, hash_token
+from llmdispatch.wire import MAX_PRIORITY, clamp_priority
 
 log = logging.getLogger("dispatcher.gateway.auth")
 

@@ -31,11 +31,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
 
-from dispatcher.amqp import BrokerLink, declare_model_queue
-from dispatcher.delivery import Inbox
-from dispatcher.errors import APIError
-from dispatcher.settings import GatewaySettings
-from dispatcher.wire import (
+from llmdispatch.amqp import BrokerLink, declare_model_queue
+from llmdispatch.delivery import Inbox
+from llmdispatch.errors import APIError
+from llmdispatch.settings import GatewaySettings
+from llmdispatch.wire import (
     ASK_PROCEED,
     CONTROL_EXCHANGE,
     H_GATEWAY,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from dispatcher.ledger import Ledger, wal_setting
-from dispatcher.settings import GatewaySettings
-from dispatcher.usage import UsageRecord
-from gateway.accounting import RequestRecord
+from llmdispatch.gateway.accounting import RequestRecord
+from llmdispatch.ledger import Ledger, wal_setting
+from llmdispatch.settings import GatewaySettings
+from llmdispatch.usage import UsageRecord
 
 log = logging.getLogger("dispatcher.gateway.ledger")
 

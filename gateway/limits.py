@@ -38,13 +38,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from dispatcher.dependency import Dependency, Unavailable, redis_dependency
-from dispatcher.errors import APIError
-from dispatcher.tokens import TokenInfo
-from dispatcher.wire import Frame, Kind
+from llmdispatch.dependency import Dependency, Unavailable, redis_dependency
+from llmdispatch.errors import APIError
+from llmdispatch.tokens import TokenInfo
+from llmdispatch.wire import Frame, Kind
 
 if TYPE_CHECKING:
-    from gateway.relay import Relay
+    from llmdispatch.gateway.relay import Relay
 
 log = logging.getLogger("dispatcher.gateway.limits")
 

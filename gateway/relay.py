@@ -16,10 +16,10 @@ from typing import TypeVar
 from litestar import Response
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from dispatcher.delivery import Inbox
-from dispatcher.errors import APIError
-from dispatcher.wire import Frame, Kind
-from gateway.broker import GatewayBroker
+from llmdispatch.delivery import Inbox
+from llmdispatch.errors import APIError
+from llmdispatch.gateway.broker import GatewayBroker
+from llmdispatch.wire import Frame, Kind
 
 T = TypeVar("T")
 

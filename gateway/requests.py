@@ -11,8 +11,8 @@ import re
 
 import msgspec
 
-from dispatcher.errors import APIError
-from dispatcher.wire import InvalidModelName, check_model_name
+from llmdispatch.errors import APIError
+from llmdispatch.wire import InvalidModelName, check_model_name
 
 # Fields each endpoint cannot do without (OpenAI answers 400 when one is missing).
 REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from dispatcher import processes
-from dispatcher.errors import error_body
-from dispatcher.processes import metrics_directory, port_free
+from llmdispatch import processes
+from llmdispatch.errors import error_body
+from llmdispatch.processes import metrics_directory, port_free
 
 if TYPE_CHECKING:
-    from dispatcher.settings import GatewaySettings
+    from llmdispatch.settings import GatewaySettings
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -162,7 +162,7 @@ def supervise(settings: GatewaySettings) -> int:
         # port: with 0 they would answer /metrics on the API port, which an Ingress publishes.
         metrics_port = "-1" if settings.metrics_port > 0 else "0"
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "DISPATCHER_METRICS_PORT": metrics_port}
-        command = [sys.executable, "-m", "dispatcher.cli", "gateway", "--reuse-port", "--workers", "1",
+        command = [sys.executable, "-m", "llmdispatch.cli", "gateway", "--reuse-port", "--workers", "1",
                    "--host", host, "--port", str(port)]  # fmt: skip
         metrics_server = _serve_metrics(settings, metrics_dir)
         try:

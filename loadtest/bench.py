@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.calibration import machine_speed
-from loadtest.load import WINDOW_MARK, raise_fd_limit
-from loadtest.services import Sampler, Services
+from llmdispatch.loadtest.calibration import machine_speed
+from llmdispatch.loadtest.load import WINDOW_MARK, raise_fd_limit
+from llmdispatch.loadtest.services import Sampler, Services
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -82,7 +82,7 @@ def run_case(
     direct = case.target == "direct"
     base = services.simulator_url if direct else services.gateway_url
     command = [
-        sys.executable, "-m", "loadtest.load",
+        sys.executable, "-m", "llmdispatch.loadtest.load",
         "--url", base + "/v1/chat/completions", "--model", services.model,
         "--token", "" if direct else services.token,
         "--concurrency", str(case.concurrency), "--max-tokens", str(case.max_tokens),
@@ -120,7 +120,7 @@ def run_case(
         result["engine_tokens_per_step"] = round(delta["generated_tokens"] / steps, 1)
         result["engine_admitting_share"] = round(delta["admitting_steps"] / steps, 3)
     if baseline is not None:
-        from loadtest.report import subtract_broker_baseline
+        from llmdispatch.loadtest.report import subtract_broker_baseline
 
         subtract_broker_baseline([baseline, result])
     costs = cpu_costs(result)
@@ -144,7 +144,7 @@ def _engine_counters(simulator_url: str) -> dict[str, Any]:
 
 def cpu_costs(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     """CPU milliseconds per answer and microseconds per token of each measured process, over the window."""
-    from loadtest.report import cpu_per_request_ms, cpu_per_token_us
+    from llmdispatch.loadtest.report import cpu_per_request_ms, cpu_per_token_us
 
     return {
         name: {"per_request_ms": cpu_per_request_ms(result, name), "per_token_us": cpu_per_token_us(result, name)}
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         for profile, cases in plans:
             results += run_profile(profile, cases, args, amqp_url, redis_url, logs)
     env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    from loadtest.report import subtract_broker_baseline, targets_text
+    from llmdispatch.loadtest.report import subtract_broker_baseline, targets_text
 
     subtract_broker_baseline(results)
     if args.json:
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(targets_text(results))
     if args.report:
-        from loadtest.report import write_report
+        from llmdispatch.loadtest.report import write_report
 
         write_report(args.report, env, results)
         print(f"report written to {args.report}")

@@ -1,6 +1,6 @@
 """Chaos run: streaming load through every fault of issue 10; nothing may hang, repeat or reorder.
 
-    python -m loadtest.chaos [--seconds 40] [--clients 12]
+    python -m llmdispatch.loadtest.chaos [--seconds 40] [--clients 12]
 
 Starts a private 3-node RabbitMQ cluster (tests/rabbit_cluster.py; quorum queues) behind one TCP
 proxy per node (tests/faults.py), a simulator, two workers and two gateways (tests/stack.py; run it

@@ -1,6 +1,6 @@
 """Fair share between tenants of one priority, in virtual time: today's FIFO against VTC candidates.
 
-``python -m loadtest.fairness_model [--scenario i ii iii iv] [--candidate fifo gate tenantq ticket]``
+``python -m llmdispatch.loadtest.fairness_model [--scenario i ii iii iv] [--candidate fifo gate tenantq ticket]``
 runs the acceptance scenarios of issue 22 on the simulator's own ``Engine`` (stepped by ``plan_step`` /
 ``finish_step``, as in ``loadtest/priority_model.py``, whose ``Clock`` and hop latencies it reuses), one
 priority level throughout. The candidates differ only in where a request waits and who picks the next one:
@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.priority_load import lengths, percentile
-from loadtest.priority_model import Clock, Latency
-from simulator.engine import Engine, Sequence
+from llmdispatch.loadtest.priority_load import lengths, percentile
+from llmdispatch.loadtest.priority_model import Clock, Latency
+from llmdispatch.simulator.engine import Engine, Sequence
 
 CANDIDATES = ("fifo", "gate", "tenantq", "ticket")
 W_PROMPT, W_OUTPUT = 1.0, 2.0  # VTC's input and output token prices (the paper's artifact defaults)

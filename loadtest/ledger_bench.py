@@ -5,7 +5,7 @@ record (``Ledger.commit``: written to the write-ahead log, sent, confirmed by th
 again. Prints the commit latency percentiles (the time the END frame waits), records per publish frame
 (how well concurrent commits share a frame) and throughput. Needs the stream plugin (port 5552).
 
-    python -m loadtest.ledger_bench --streams 64 --seconds 15
+    python -m llmdispatch.loadtest.ledger_bench --streams 64 --seconds 15
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from rstream import Producer
 
-from dispatcher.ledger import Ledger
-from dispatcher.usage import StreamAddress, UsageRecord, percentile
-from loadtest.sse_client import StreamingClient, StreamResult
+from llmdispatch.ledger import Ledger
+from llmdispatch.loadtest.sse_client import StreamingClient, StreamResult
+from llmdispatch.usage import StreamAddress, UsageRecord, percentile
 
 DEFAULT_URL = os.environ.get("DISPATCHER_USAGE_STREAM_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
 

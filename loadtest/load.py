@@ -1,6 +1,6 @@
 """Closed-loop streaming load against one OpenAI-compatible URL; prints one JSON summary.
 
-``python -m loadtest.load --url http://127.0.0.1:8080/v1/chat/completions --model M --concurrency 64``
+``python -m llmdispatch.loadtest.load --url http://127.0.0.1:8080/v1/chat/completions --model M --concurrency 64``
 
 Each of ``concurrency`` users sends one streamed chat completion after another over its own
 keep-alive connection. Figures count only what happens inside the measurement window (after the
@@ -20,7 +20,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-from loadtest.sse_client import StreamingClient, StreamResult
+from llmdispatch.loadtest.sse_client import StreamingClient, StreamResult
 
 
 @dataclass
@@ -171,7 +171,7 @@ def percentiles(values: object, scale: float) -> dict[str, float | int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.load", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmdispatch.loadtest.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="full URL of the chat completions endpoint")
     parser.add_argument("--model", required=True)
     parser.add_argument("--token", default="", help="bearer token (none for a bare vLLM)")

@@ -36,7 +36,7 @@ import requests
 from locust import HttpUser, events, task
 from locust.env import Environment
 
-from loadtest.sse_client import is_token_event
+from llmdispatch.loadtest.sse_client import is_token_event
 
 DEFAULT_PROMPTS = (
     "Explain how a priority queue works, with an example.",

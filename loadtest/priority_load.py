@@ -1,6 +1,6 @@
 """Priority under overload: high-priority TTFT and low-priority throughput, per answer-length distribution.
 
-``python -m loadtest.priority_load`` (from the repository root; it starts its own simulator, worker
+``python -m llmdispatch.loadtest.priority_load`` (from the repository root; it starts its own simulator, worker
 and gateway with tests/stack.py, against the local RabbitMQ and Redis). Default settings: the
 simulator runs ``--max-num-seqs 16`` (25 ms decode steps), one worker with 16 slots and the worker's
 own defaults (whatever ``DISPATCHER_*`` settings say; nothing is overridden).
@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 import httpx
 import msgspec
 
-from loadtest.load import raise_fd_limit
-from loadtest.sse_client import StreamingClient, StreamResult
+from llmdispatch.loadtest.load import raise_fd_limit
+from llmdispatch.loadtest.sse_client import StreamingClient, StreamResult
 
 if TYPE_CHECKING:
     from tests.stack import Stack
@@ -309,7 +309,7 @@ async def run_distribution(
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    from dispatcher.amqp import delete_model_queue
+    from llmdispatch.amqp import delete_model_queue
     from tests.stack import Stack, free_port, wait_http
 
     cand = CANDIDATES[args.candidate]

@@ -1,6 +1,6 @@
 """The priority load test in virtual time: the simulator's own engine, RabbitMQ lanes and a worker, no CPU.
 
-``python -m loadtest.priority_model [--candidate NAME ...]`` runs the scenario of loadtest/priority_load.py
+``python -m llmdispatch.loadtest.priority_model [--candidate NAME ...]`` runs the scenario of loadtest/priority_load.py
 (48 closed-loop low users, one high request every 0.4 s on average, 16 sequences, 25 ms decode steps)
 as a discrete-event model, so the figures depend on the scheduling rules only, not on how busy the
 machine's CPU is. The engine is ``simulator.engine.Engine`` itself, stepped by ``plan_step`` /
@@ -30,8 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loadtest.priority_load import CANDIDATES, DISTRIBUTIONS, Candidate, lengths, percentile
-from simulator.engine import Engine, Sequence
+from llmdispatch.loadtest.priority_load import CANDIDATES, DISTRIBUTIONS, Candidate, lengths, percentile
+from llmdispatch.simulator.engine import Engine, Sequence
 
 
 @dataclass(frozen=True)

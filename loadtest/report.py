@@ -284,7 +284,8 @@ def _speed_text(env: dict[str, Any]) -> str:
     if not speed:
         return ""
     return (
-        f"Its speed (`python -m loadtest.calibration`): a reference Python loop in {speed['python_loop_ms']} ms, "
+        "Its speed (`python -m llmdispatch.loadtest.calibration`): "
+        f"a reference Python loop in {speed['python_loop_ms']} ms, "
         f"a loopback round trip between two event loops' protocols in {speed['loopback_round_trip_us']} us; "
         "CPU per request scales with these between machines (the same code took 4.4 ms of gateway CPU per "
         "request on one 2-core machine of this kind and 2.4 ms on another). "
@@ -351,7 +352,8 @@ def write_report(path: Path, env: dict[str, Any], results: list[Result]) -> None
         f"- Stack: one gateway process unless said otherwise (uvicorn, uvloop + httptools), RabbitMQ 3.10 on this "
         f"machine, one worker with `--max-concurrency {env['worker_concurrency']}` so that no case is a queueing "
         f"test; tokens in SQLite, {redis}; default settings otherwise (5 ms reply flush interval).",
-        "- Load: `python -m loadtest.load` in its own process (so its CPU is not charged to the gateway): closed "
+        "- Load: `python -m llmdispatch.loadtest.load` in its own process "
+        "(so its CPU is not charged to the gateway): closed "
         "loop, each user streams one chat completion after another over a keep-alive connection, with a raw "
         "asyncio HTTP client that only splits SSE events. TTFT is the time from sending the request to the first "
         "content token; inter-token latency is every gap between consecutive tokens of a stream as the client "

@@ -1,6 +1,6 @@
 """The processes a benchmark measures: simulator, gateway and worker, plus their CPU and memory.
 
-Each runs as ``python -m dispatcher.cli ...`` on a free port with a model name of its own (so its
+Each runs as ``python -m llmdispatch.cli ...`` on a free port with a model name of its own (so its
 RabbitMQ queue is its own and is deleted at the end), its log in a temporary directory.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from dispatcher.amqp import delete_model_queue
+from llmdispatch.amqp import delete_model_queue
 
 
 def free_port() -> int:
@@ -172,7 +172,7 @@ class Services:
         base.update(env or {})
         log = (self.tmp / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", *args], env=base, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "llmdispatch.cli", *args], env=base, stdout=log, stderr=subprocess.STDOUT
         )
         self.processes[name] = process
         return process
@@ -218,7 +218,7 @@ class Services:
         wait_http(self.gateway_url + "/ready", contains=self.model.encode())
 
     async def _add_token(self) -> str:
-        from dispatcher.tokens import TokenStore
+        from llmdispatch.tokens import TokenStore
 
         store = TokenStore(self.database_url)
         try:

@@ -4,7 +4,7 @@ Opens N streamed requests on raw sockets with a small receive buffer and never r
 Each stream's answer piles up in the gateway until the per-stream cap (``MAX_BUFFERED_BYTES``)
 ends it and cancels its worker. Prints the gateway's RSS over time and the simulator's counters.
 
-    python -m loadtest.slow_readers --streams 200 --tokens 4000 --cap 262144
+    python -m llmdispatch.loadtest.slow_readers --streams 200 --tokens 4000 --cap 262144
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from loadtest.services import Services, tree_rss_mb
+from llmdispatch.loadtest.services import Services, tree_rss_mb
 
 
 def open_stream(url: str, token: str, model: str, tokens: int) -> socket.socket:

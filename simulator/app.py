@@ -47,8 +47,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from simulator import metrics
-from simulator.engine import ABORTED, FINISHED, Engine, Sequence
+from llmdispatch.simulator import metrics
+from llmdispatch.simulator.engine import ABORTED, FINISHED, Engine, Sequence
 
 VERSION = "0.10.1"  # the vLLM version whose wire format this mimics
 EMBEDDING_DIM = 16

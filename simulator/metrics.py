@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simulator.engine import Engine
+from llmdispatch.simulator.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

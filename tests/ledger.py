@@ -9,7 +9,7 @@ import time
 
 from rstream import Consumer, ConsumerOffsetSpecification, MessageContext, OffsetType
 
-from dispatcher.usage import StreamAddress, UsageRecord, decode_record
+from llmdispatch.usage import StreamAddress, UsageRecord, decode_record
 
 
 class LedgerFollower:

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 from rstream import Producer
 
-from dispatcher.amqp import delete_model_queue
-from dispatcher.tokens import TokenStore
-from dispatcher.usage import StreamAddress
+from llmdispatch.amqp import delete_model_queue
+from llmdispatch.tokens import TokenStore
+from llmdispatch.usage import StreamAddress
 
 T = TypeVar("T")
 
@@ -138,7 +138,7 @@ class Stack:
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
         log_path = self.tmp / f"{name}-{len(self.processes)}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", *args],
+            [sys.executable, "-m", "llmdispatch.cli", *args],
             env=self._env(env),
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
@@ -225,7 +225,7 @@ class Stack:
         Tests wait for this rather than sleep: a request sent is not yet a request queued."""
         import aio_pika
 
-        from dispatcher.wire import queue_name
+        from llmdispatch.wire import queue_name
 
         connection = await aio_pika.connect(self.amqp_url.split(",")[0])
         async with connection:

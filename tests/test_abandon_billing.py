@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from dispatcher.tokens import TokenInfo
-from dispatcher.usage import UsageRecord, read_usage
-from dispatcher.wire import Frame, Kind
-from gateway.limits import KEY_PREFIX, RateLimiter
+from llmdispatch.gateway.limits import KEY_PREFIX, RateLimiter
+from llmdispatch.tokens import TokenInfo
+from llmdispatch.usage import UsageRecord, read_usage
+from llmdispatch.wire import Frame, Kind
 from tests.faults import chat
 from tests.stack import REDIS_URL, STREAM_URL, Stack, delete_stream, run_sync
 

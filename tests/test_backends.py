@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from dispatcher.usage import read_usage
-from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync, wait_http
-from worker.backends import (
+from llmdispatch.usage import read_usage
+from llmdispatch.worker.backends import (
     AutoBackend,
     Backend,
     GenericBackend,
@@ -30,7 +29,8 @@ from worker.backends import (
     make_backend,
     parse_gauges,
 )
-from worker.events import Usage, body_usage, inspect
+from llmdispatch.worker.events import Usage, body_usage, inspect
+from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync, wait_http
 
 # -- events.inspect: one event, each dialect ----------------------------------------------------
 

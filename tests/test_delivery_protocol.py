@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from dispatcher.delivery import Attempt, Inbox, State
-from dispatcher.wire import Frame, Kind
+from llmdispatch.delivery import Attempt, Inbox, State
+from llmdispatch.wire import Frame, Kind
 
 RID = "req-1"
 
@@ -140,7 +140,7 @@ class _Broker:
 async def test_a_client_leaving_during_a_blocked_write_ends_the_stream_at_once() -> None:
     """The client stops reading (its socket fills, the write waits), then hangs up: the stream ends as
     soon as the write returns, the work is cancelled, and nothing waits for the idle timeout."""
-    from gateway.relay import ClientWatch, Relay
+    from llmdispatch.gateway.relay import ClientWatch, Relay
 
     inbox, a, broker = Inbox(RID, "m"), Attempt("w.1"), _Broker()
     relay = Relay(broker, inbox, queue_deadline=time.monotonic() + 60, idle_timeout=60, keepalive_interval=60)  # type: ignore[arg-type]

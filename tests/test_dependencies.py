@@ -23,9 +23,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from dispatcher.errors import APIError
-from dispatcher.tokens import TokenStore, hash_token, publish_invalidation
-from gateway.auth import TokenAuthenticator, shared_redis
+from llmdispatch.errors import APIError
+from llmdispatch.gateway.auth import TokenAuthenticator, shared_redis
+from llmdispatch.tokens import TokenStore, hash_token, publish_invalidation
 from tests.faults import RedisServer, TcpProxy, chat, post, until
 from tests.stack import DATABASES, Stack, free_port
 
@@ -315,7 +315,7 @@ def test_a_wrong_setting_stops_the_process_with_one_clear_line(
     args = ["--model", "m", "--http-port", str(free_port())] if command == "worker" else []
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "dispatcher.cli", command, *args],
+            [sys.executable, "-m", "llmdispatch.cli", command, *args],
             env=env, capture_output=True, text=True, timeout=20, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -326,7 +326,7 @@ def test_a_wrong_setting_stops_the_process_with_one_clear_line(
 
 
 def test_booleans_read_the_usual_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dispatcher.settings import CommonSettings
+    from llmdispatch.settings import CommonSettings
 
     for raw, expected in [("true", True), ("1", True), ("Yes", True), ("on", True), ("false", False),
                           ("0", False), ("no", False), ("OFF", False), ("", True)]:  # fmt: skip

@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from loadtest import fairness_model as fm
+from llmdispatch.loadtest import fairness_model as fm
 
 
 @pytest.fixture(scope="module")

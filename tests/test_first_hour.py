@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from dispatcher.cli import build_parser
+from llmdispatch.cli import build_parser
 from tests.amqp_audit import AuditProxy
 from tests.stack import AMQP_URL, Stack
 from tests.test_hardening import Up, up_runs  # noqa: F401 (up_runs is a fixture)
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dispatcher(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "dispatcher.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "llmdispatch.cli", *args],
                             env=env, cwd=cwd, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -244,7 +244,7 @@ def test_up_sh_installs_the_runtime_only(tmp_path: Path) -> None:
     run = subprocess.run(["bash", "scripts/up.sh", "--help"], cwd=checkout, env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0 and "dispatcher up" in run.stdout, run.stdout + run.stderr
-    (project,) = [i for i in json.loads(report.read_text())["install"] if i["metadata"]["name"] == "dispatcher"]
+    (project,) = [i for i in json.loads(report.read_text())["install"] if i["metadata"]["name"] == "llmdispatch"]
     assert not project.get("requested_extras"), project["requested_extras"]
 
 

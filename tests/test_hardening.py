@@ -26,15 +26,15 @@ import psutil
 import pytest
 from prometheus_client import REGISTRY
 
-from dispatcher.amqp import delete_model_queue
-from dispatcher.errors import APIError
-from dispatcher.metrics import gateway_metrics
-from dispatcher.settings import WorkerSettings
-from dispatcher.tokens import TokenStore
-from gateway.auth import TokenAuthenticator, shared_redis
+from llmdispatch.amqp import delete_model_queue
+from llmdispatch.errors import APIError
+from llmdispatch.gateway.auth import TokenAuthenticator, shared_redis
+from llmdispatch.metrics import gateway_metrics
+from llmdispatch.settings import WorkerSettings
+from llmdispatch.tokens import TokenStore
+from llmdispatch.worker.tenancy import cache_salt, salt_body, salt_key
 from tests.stack import AMQP_URL, REDIS_URL, Stack, delete_stream, free_port, run_sync, wait_http
 from tests.test_tenancy import fresh_database, run_cli  # noqa: F401 (fresh_database is a fixture)
-from worker.tenancy import cache_salt, salt_body, salt_key
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -300,7 +300,7 @@ class Up:
         args = [arg for name, port in self.ports.items() for arg in (f"--{name}", str(port))]
         args += [arg for flag, value in flags.items() if not flag.endswith("port") for arg in (flag, value)]
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "up", "--model", self.model, "--ready-timeout", "40", *args],
+            [sys.executable, "-m", "llmdispatch.cli", "up", "--model", self.model, "--ready-timeout", "40", *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ import aio_pika
 import httpx
 import pytest
 
-from dispatcher.wire import MAX_MODEL_NAME, InvalidModelName, queue_name, request_queue
+from llmdispatch.wire import MAX_MODEL_NAME, InvalidModelName, queue_name, request_queue
 from tests.stack import Stack
 from tests.test_priority import _sim_log, body, events, stream_text_at
 from tests.test_simulator import wait_for

@@ -21,12 +21,12 @@ import aio_pika
 import httpx
 import pytest
 
-from dispatcher.amqp import delete_model_queue
-from dispatcher.usage import UsageRecord, read_usage
-from dispatcher.wire import queue_name
+from llmdispatch.amqp import delete_model_queue
+from llmdispatch.usage import UsageRecord, read_usage
+from llmdispatch.wire import queue_name
+from llmdispatch.worker.backends import Backend, LlamaCppBackend, Load, State, detect, make_backend
+from llmdispatch.worker.events import Usage, body_usage, inspect
 from tests.stack import STREAM_URL, Process, Stack, delete_stream, free_port, run_sync, wait_http
-from worker.backends import Backend, LlamaCppBackend, Load, State, detect, make_backend
-from worker.events import Usage, body_usage, inspect
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 2  # llama-server -np: requests it runs at once

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.amqp import delete_model_queue
-from dispatcher.tokens import TokenStore
+from llmdispatch.amqp import delete_model_queue
+from llmdispatch.tokens import TokenStore
 from tests.stack import AMQP_URL, REDIS_URL, free_port, run_sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def dispatcher_up(tmp_path: Path) -> Iterator[Up]:
     log = tmp_path / "up.log"
     up = subprocess.Popen(
         [
-            sys.executable, "-m", "dispatcher.cli", "up", "--model", model, "--port", str(port),
+            sys.executable, "-m", "llmdispatch.cli", "up", "--model", model, "--port", str(port),
             "--simulator-port", str(free_port()), "--worker-port", str(free_port()), "--max-concurrency", "32",
         ],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,

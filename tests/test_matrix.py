@@ -56,7 +56,7 @@ import pytest
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from dispatcher.tokens import TokenStore
+from llmdispatch.tokens import TokenStore
 from tests.faults import (
     BrokerConnection,
     RedisServer,

@@ -11,14 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.stack import Stack, free_port
-from worker.vllm import (
+from llmdispatch.worker.vllm import (
     UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamResponse,
     UpstreamStatusError,
     VLLMClient,
 )
+from tests.stack import Stack, free_port
 
 
 def _body(model: str, max_tokens: int, stream: bool = True) -> dict[str, object]:

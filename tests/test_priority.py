@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from simulator.app import create_app
+from llmdispatch.simulator.app import create_app
 from tests.stack import Stack
 from tests.test_simulator import SimServer, make_server, metric_values, stats, wait_for
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from dispatcher.wire import queue_name
+from llmdispatch.wire import queue_name
 from tests import rabbit_node
 from tests.faults import chat, events_of, post, read_stream, sim_log, until_event
 from tests.rabbit_node import RabbitNode

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatcher.tokens import TokenStore
+from llmdispatch.tokens import TokenStore
 from tests.faults import TcpProxy, chat, post, until
 from tests.stack import DATABASES, Stack, run_sync
 

@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from sse_starlette.sse import AppStatus
 
-from simulator.app import create_app
+from llmdispatch.simulator.app import create_app
 
 MODEL = "sim-model"
 

@@ -22,10 +22,10 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher.settings import GatewaySettings
-from dispatcher.tokens import REDIS_KEY, hash_token
-from dispatcher.wire import MAX_PRIORITY
-from gateway.limits import KEY_PREFIX, duration
+from llmdispatch.gateway.limits import KEY_PREFIX, duration
+from llmdispatch.settings import GatewaySettings
+from llmdispatch.tokens import REDIS_KEY, hash_token
+from llmdispatch.wire import MAX_PRIORITY
 from tests.stack import DATABASES, REDIS_URL, Stack
 
 WINDOW = 4.0  # the rate-limit window of these stacks (seconds; 60 in production)
@@ -66,7 +66,7 @@ async def start_of_window() -> None:
 def run_cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env.update(DISPATCHER_DATABASE_URL=stack.database_url or "", DISPATCHER_REDIS_URL=stack.redis_url)
-    result = subprocess.run([sys.executable, "-m", "dispatcher.cli", "tokens", *args],
+    result = subprocess.run([sys.executable, "-m", "llmdispatch.cli", "tokens", *args],
                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     if check:
         assert result.returncode == 0, result.stderr
@@ -550,7 +550,7 @@ def test_tokens_cli_on_each_database(fresh_database: Stack) -> None:
     assert rows["cli-app"][1:] == ["7", "-", "5000", "3", "revoked"]  # not in the file: revoked
 
     async def stored() -> dict[str, tuple[str, int]]:
-        from dispatcher.tokens import TokenStore, tokens_table
+        from llmdispatch.tokens import TokenStore, tokens_table
 
         store = TokenStore(db.database_url or "")
         try:

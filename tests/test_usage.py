@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatcher.usage import (
+from llmdispatch.usage import (
     StreamAddress,
     UsageRecord,
     parse_time,
@@ -26,8 +26,8 @@ from dispatcher.usage import (
     read_usage,
     summarize,
 )
+from llmdispatch.worker.usage import UsageLedger
 from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync
-from worker.usage import UsageLedger
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def run_cli(stack: Stack, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env["DISPATCHER_USAGE_STREAM_URL"] = STREAM_URL
     return subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.cli", "usage", "--stream", stack.stream, *args],  # type: ignore[attr-defined]
+        [sys.executable, "-m", "llmdispatch.cli", "usage", "--stream", stack.stream, *args],  # type: ignore[attr-defined]
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -239,7 +239,7 @@ def run_cli_raw(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env["DISPATCHER_USAGE_STREAM_URL"] = STREAM_URL
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "usage", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "llmdispatch.cli", "usage", *args], env=env, capture_output=True, text=True, timeout=60
     )
 
 

@@ -23,9 +23,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from dispatcher.ledger import Ledger
-from dispatcher.usage import UsageRecord, read_usage, summarize, unique
-from dispatcher.wal import WriteAheadLog
+from llmdispatch.ledger import Ledger
+from llmdispatch.usage import UsageRecord, read_usage, summarize, unique
+from llmdispatch.wal import WriteAheadLog
 from tests import rabbit_node
 from tests.rabbit_node import RabbitNode
 from tests.stack import STREAM_URL, Stack, delete_stream, free_port, run_sync
@@ -76,8 +76,8 @@ async def test_commit_waits_for_the_confirm_and_concurrent_commits_share_frames(
 KILLED_LEDGER = textwrap.dedent(
     """
     import asyncio, sys, time
-    from dispatcher.ledger import Ledger
-    from dispatcher.usage import UsageRecord
+    from llmdispatch.ledger import Ledger
+    from llmdispatch.usage import UsageRecord
 
     async def main() -> None:
         url, stream, wal, count, wait = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]

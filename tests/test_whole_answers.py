@@ -25,12 +25,12 @@ import openai
 import psutil
 import pytest
 
-from dispatcher.wire import Frame, Kind, frames_encoder
+from llmdispatch.wire import Frame, Kind, frames_encoder
+from llmdispatch.worker.replies import MAX_BATCH_BYTES, _batches
+from llmdispatch.worker.serve import WHOLE_CHUNK
 from tests.amqp_audit import AuditProxy
 from tests.faults import chat, sim_log, until_event
 from tests.stack import AMQP_URL, Process, Stack, free_port
-from worker.replies import MAX_BATCH_BYTES, _batches
-from worker.serve import WHOLE_CHUNK
 
 STALL_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 9.0

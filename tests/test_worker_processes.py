@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import psutil
 
-from dispatcher.processes import START_GRACE
+from llmdispatch.processes import START_GRACE
 from tests.stack import Stack, free_port, wait_http
 
 

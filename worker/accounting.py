@@ -6,16 +6,16 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from dispatcher.metrics import worker_metrics
-from dispatcher.usage import UsageRecord
+from llmdispatch.metrics import worker_metrics
+from llmdispatch.usage import UsageRecord
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
 
-    from worker.events import EventInfo, Usage
-    from worker.job import Job
-    from worker.main import Worker
-    from worker.usage import UsageLedger
+    from llmdispatch.worker.events import EventInfo, Usage
+    from llmdispatch.worker.job import Job
+    from llmdispatch.worker.main import Worker
+    from llmdispatch.worker.usage import UsageLedger
 
 
 class TokenClock:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import httpx2  # the openai SDK's own httpx
 
-from dispatcher.wire import clamp_priority, vllm_priority
+from llmdispatch.wire import clamp_priority, vllm_priority
 
 KINDS = ("vllm", "sglang", "llamacpp", "generic", "auto")
 

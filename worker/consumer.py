@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
-from dispatcher.amqp import BrokerLink, declare_model_queue
-from dispatcher.metrics import LANES
-from dispatcher.settings import WorkerSettings
-from dispatcher.wire import CONTROL_EXCHANGE, queue_arguments, queue_name
+from llmdispatch.amqp import BrokerLink, declare_model_queue
+from llmdispatch.metrics import LANES
+from llmdispatch.settings import WorkerSettings
+from llmdispatch.wire import CONTROL_EXCHANGE, queue_arguments, queue_name
 
 log = logging.getLogger("dispatcher.worker.consumer")
 

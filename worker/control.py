@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from dispatcher.wire import GatewayAlive
+from llmdispatch.wire import GatewayAlive
 
 Status = Literal["alive", "gone", "unknown"]
 

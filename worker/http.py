@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dispatcher.processes import multiprocess_registry
+from llmdispatch.processes import multiprocess_registry
 
 if TYPE_CHECKING:
-    from worker.main import Worker
+    from llmdispatch.worker.main import Worker
 
 
 def create_app(worker: Worker) -> Starlette:

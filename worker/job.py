@@ -10,8 +10,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.delivery import Attempt
-from dispatcher.wire import H_ENDPOINT, H_ENQUEUED_AT, H_GATEWAY, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT
+from llmdispatch.delivery import Attempt
+from llmdispatch.wire import H_ENDPOINT, H_ENQUEUED_AT, H_GATEWAY, H_PRIORITY, H_TIMEOUT, H_TOKEN, H_TRACEPARENT
 
 _attempts = itertools.count(1)
 

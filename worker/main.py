@@ -22,10 +22,10 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from dispatcher.amqp import BrokerLink
-from dispatcher.errors import error_body
-from dispatcher.settings import WorkerSettings
-from dispatcher.wire import (
+from llmdispatch.amqp import BrokerLink
+from llmdispatch.errors import error_body
+from llmdispatch.settings import WorkerSettings
+from llmdispatch.wire import (
     CONTROL_EXCHANGE,
     Announce,
     Cancel,
@@ -40,15 +40,15 @@ from dispatcher.wire import (
     control_encoder,
     is_express,
 )
-from worker.accounting import WorkerAccounting
-from worker.backends import Load, make_backend
-from worker.consumer import EXPRESS, Consumer
-from worker.control import GatewayWatch
-from worker.job import Job
-from worker.replies import ReplySender
-from worker.serve import JobRunner
-from worker.usage import UsageLedger
-from worker.vllm import VLLMClient
+from llmdispatch.worker.accounting import WorkerAccounting
+from llmdispatch.worker.backends import Load, make_backend
+from llmdispatch.worker.consumer import EXPRESS, Consumer
+from llmdispatch.worker.control import GatewayWatch
+from llmdispatch.worker.job import Job
+from llmdispatch.worker.replies import ReplySender
+from llmdispatch.worker.serve import JobRunner
+from llmdispatch.worker.usage import UsageLedger
+from llmdispatch.worker.vllm import VLLMClient
 
 log = logging.getLogger("dispatcher.worker")
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 
-from dispatcher.amqp import BrokerLink
-from dispatcher.wire import Frame, frames_encoder
+from llmdispatch.amqp import BrokerLink
+from llmdispatch.wire import Frame, frames_encoder
 
 log = logging.getLogger("dispatcher.worker.replies")
 

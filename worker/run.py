@@ -12,11 +12,11 @@ import sys
 
 import uvicorn
 
-from dispatcher import processes
-from dispatcher.processes import metrics_directory, port_free, reuse_port_socket, split
-from dispatcher.settings import WorkerSettings
-from worker.http import EmbeddedServer, create_app
-from worker.main import Worker
+from llmdispatch import processes
+from llmdispatch.processes import metrics_directory, port_free, reuse_port_socket, split
+from llmdispatch.settings import WorkerSettings
+from llmdispatch.worker.http import EmbeddedServer, create_app
+from llmdispatch.worker.main import Worker
 
 log = logging.getLogger("dispatcher.worker")
 
@@ -78,7 +78,7 @@ def supervise(settings: WorkerSettings) -> int:
             "DISPATCHER_WORKER_PORT": str(settings.http_port),
             "DISPATCHER_RESERVED_SLOTS": "0",  # its share of the headroom is on each child's command line
         }
-        child = [sys.executable, "-m", "dispatcher.cli", "worker", "--reuse-port", "--processes", "1"]
+        child = [sys.executable, "-m", "llmdispatch.cli", "worker", "--reuse-port", "--processes", "1"]
         shares = zip(split(settings.max_concurrency, count), split(settings.headroom, count), strict=True)
         commands = [
             [*child, "--max-concurrency", str(concurrency), "--priority-headroom", str(headroom)]

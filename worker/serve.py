@@ -22,18 +22,18 @@ from typing import Any
 import msgspec
 import openai
 
-from dispatcher.errors import error_body
-from dispatcher.settings import WorkerSettings
-from dispatcher.wire import ASK_PROCEED, H_TRACEPARENT, Kind
-from worker import events
-from worker.accounting import TokenClock, WorkerAccounting
-from worker.backends import Backend
-from worker.events import Usage
-from worker.job import Job
-from worker.replies import ReplySender
-from worker.tenancy import salt_body, salt_key
-from worker.usage import prompt_tokens
-from worker.vllm import VLLMClient
+from llmdispatch.errors import error_body
+from llmdispatch.settings import WorkerSettings
+from llmdispatch.wire import ASK_PROCEED, H_TRACEPARENT, Kind
+from llmdispatch.worker import events
+from llmdispatch.worker.accounting import TokenClock, WorkerAccounting
+from llmdispatch.worker.backends import Backend
+from llmdispatch.worker.events import Usage
+from llmdispatch.worker.job import Job
+from llmdispatch.worker.replies import ReplySender
+from llmdispatch.worker.tenancy import salt_body, salt_key
+from llmdispatch.worker.usage import prompt_tokens
+from llmdispatch.worker.vllm import VLLMClient
 
 log = logging.getLogger("dispatcher.worker")
 

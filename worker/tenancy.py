@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from dispatcher.settings import WorkerSettings
+from llmdispatch.settings import WorkerSettings
 
 
 def cache_salt(token_name: str, key: str) -> str:

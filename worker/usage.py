@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.ledger import Ledger, wal_setting
-from dispatcher.settings import CommonSettings
+from llmdispatch.ledger import Ledger, wal_setting
+from llmdispatch.settings import CommonSettings
 
 if TYPE_CHECKING:
-    from worker.backends import Backend
+    from llmdispatch.worker.backends import Backend
 
 # Seconds the end of a request cut short may spend asking the server to count its prompt.
 PROMPT_COUNT_TIMEOUT = 2.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from worker.netstream import (
+from llmdispatch.worker.netstream import (
     HTTPClient,
     UpstreamBrokenError,
     UpstreamConnectError,
