@@ -154,7 +154,7 @@ class GatewayMetrics:
             ["model", "stage"],
             registry=registry,
         )
-        dependency_health()  # the gateway is where Redis and SQL are used
+        dependency_metrics()  # the gateway is where Redis and SQL are used: their series exist at 0
 
 
 class WorkerMetrics:
@@ -261,38 +261,6 @@ class BrokerMetrics:
         )
 
 
-# -- dependency health (Redis, SQL) ---------------------------------------------------------------
-# Names shared with the dependency-degraded-mode work (issue "deps"): the dashboard and the alerts
-# read them. Until that lands the series exist at 0; its code sets ``degraded`` to 1 while a
-# dependency is bypassed and counts each bypassed call in ``fallbacks``.
-DEPENDENCIES = ("redis", "sql")
-
-
-class DependencyHealth:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.degraded = Gauge(
-            "dispatcher_dependency_degraded",
-            "1 while a dependency (redis, sql) is bypassed in degraded mode, else 0.",
-            ["dependency"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.fallbacks = Counter(
-            "dispatcher_dependency_fallbacks",
-            "Calls answered without a dependency (redis, sql) because it was unreachable or slow.",
-            ["dependency"],
-            registry=registry,
-        )
-        for dependency in DEPENDENCIES:  # the series exist (at 0) before anything degrades
-            self.degraded.labels(dependency).set(0)
-            self.fallbacks.labels(dependency)
-
-
-@functools.cache
-def dependency_health() -> DependencyHealth:
-    return DependencyHealth()
-
-
 @functools.cache
 def broker_metrics() -> BrokerMetrics:
     return BrokerMetrics()
@@ -309,6 +277,9 @@ def worker_metrics() -> WorkerMetrics:
 
 
 # -- dependency health (Redis, SQL): the degraded mode of dispatcher.dependency ---------------------
+
+
+DEPENDENCIES = ("redis", "sql")
 
 
 class DependencyMetrics:
@@ -330,6 +301,9 @@ class DependencyMetrics:
             ["dependency"],
             registry=registry,
         )
+        for dependency in DEPENDENCIES:  # the series exist (at 0) before anything degrades: dashboards, alerts
+            self.degraded.labels(dependency).set(0)
+            self.fallbacks.labels(dependency)
 
 
 @functools.cache
