@@ -146,7 +146,12 @@ async def test_state_gauges_sum_over_processes(tmp_path) -> None:
                 _gauge(metrics_url, "dispatcher_worker_free_slots", stack.model),
             )
         assert seen == (3, 5), seen
-        assert _gauge(metrics_url, "dispatcher_worker_vllm_requests_running", stack.model) >= 1
+        # The server's load is read by the next probe (0.5 s), not when a request starts: wait for it.
+        running = 0.0
+        while time.monotonic() < deadline + 5 and running < 1:
+            running = _gauge(metrics_url, "dispatcher_worker_vllm_requests_running", stack.model)
+            await asyncio.sleep(0.2)
+        assert running >= 1
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
